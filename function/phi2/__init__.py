@@ -1,0 +1,1 @@
+"""Phi-2 text generation on AWS Lambda."""

@@ -1,0 +1,308 @@
+"""Lambda entry point: routes, decorators and the mapping of errors to HTTP. Nothing else.
+
+Serves API Gateway REST (payload v1) and HTTP API (payload v2) events through Powertools' event
+handler, and direct invocations (`{"prompt": ...}` as `aws lambda invoke` sends) with plain JSON.
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+import warnings
+from typing import Annotated, Any
+
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.event_handler import (
+    APIGatewayHttpResolver,
+    APIGatewayRestResolver,
+    Response,
+    content_types,
+)
+from aws_lambda_powertools.event_handler.api_gateway import ApiGatewayResolver, Router
+from aws_lambda_powertools.event_handler.exceptions import NotFoundError
+from aws_lambda_powertools.event_handler.openapi.exceptions import (
+    RequestUnsupportedContentType,
+    RequestValidationError,
+)
+from aws_lambda_powertools.event_handler.openapi.params import Body
+from aws_lambda_powertools.metrics import MetricUnit
+from pydantic import ValidationError
+
+from . import errors
+from .generator import deadline_from, get_generator, load_status
+from .schemas import ErrorResponse, GenerateRequest, GenerateResponse, HealthResponse
+from .settings import get_settings
+
+# Health checks and rejected requests publish no metrics; that is expected, not worth a warning each.
+warnings.filterwarnings("ignore", message="No application metrics to publish")
+
+logger = Logger()
+metrics = Metrics()
+tracer = Tracer()
+settings = get_settings()
+
+ROUTES = {"/generate": "POST", "/health": "GET", "/openapi.json": "GET"}
+API_TITLE = "Phi-2 text generation"
+API_VERSION = "1.0.0"
+
+router = Router()
+
+
+class _Invocation:
+    """The invocation being served (one at a time per execution environment) and how many came before.
+
+    Kept here rather than read from the resolvers, because two resolvers share one router.
+    """
+
+    count = 0
+    context: Any = None
+
+    @classmethod
+    def cold(cls) -> bool:
+        return cls.count == 1
+
+
+def _request_id() -> str | None:
+    return getattr(_Invocation.context, "aws_request_id", None)
+
+
+def _error_body(exc: errors.ApiError, request_id: str | None) -> dict[str, Any]:
+    return ErrorResponse(
+        error=exc.code, message=exc.message, request_id=request_id, details=exc.details
+    ).model_dump()
+
+
+def _error_response(exc: errors.ApiError, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        status_code=exc.status_code,
+        content_type=content_types.APPLICATION_JSON,
+        body=json.dumps(_error_body(exc, _request_id())),
+        headers=headers,
+    )
+
+
+def _validation_error(exc: ValidationError | RequestValidationError) -> errors.ApiError:
+    """Name every offending field; never echo the input (it may be a huge or private prompt)."""
+    problems = exc.errors()
+    if any(p.get("type") == "json_invalid" for p in problems):
+        reason = next(p.get("ctx", {}).get("error", "") for p in problems if p.get("type") == "json_invalid")
+        return errors.InvalidJson(f"request body is not valid JSON: {reason}".rstrip(": "))
+    details = []
+    for p in problems:
+        loc = [str(part) for part in p.get("loc", ()) if part != "body"]
+        details.append({"field": ".".join(loc) or "body", "message": p.get("msg", ""), "type": p.get("type", "")})
+    summary = "; ".join(f"{d['field']}: {d['message']}" for d in details)
+    return errors.ValidationFailed(f"invalid request: {summary}", details=details)
+
+
+@tracer.capture_method
+def _generate(request: GenerateRequest) -> GenerateResponse:
+    generator = get_generator()
+    context = _Invocation.context
+    remaining_s = context.get_remaining_time_in_millis() / 1000 if context is not None else float("inf")
+    deadline = deadline_from(settings.generation_budget_s, remaining_s, settings.deadline_margin_s)
+    result = generator.generate(request.prompt_list(), request.params(), deadline)
+
+    prompt_tokens = sum(c.prompt_tokens for c in result.completions)
+    generated_tokens = sum(c.generated_tokens for c in result.completions)
+    metrics.add_metric(name="PromptTokens", unit=MetricUnit.Count, value=prompt_tokens)
+    metrics.add_metric(name="GeneratedTokens", unit=MetricUnit.Count, value=generated_tokens)
+    metrics.add_metric(
+        name="TimeToFirstToken", unit=MetricUnit.Milliseconds, value=result.time_to_first_token_s * 1000
+    )
+    metrics.add_metric(name="GenerationSeconds", unit=MetricUnit.Seconds, value=result.total_s)
+    metrics.add_metric(name="TokensPerSecond", unit=MetricUnit.CountPerSecond, value=result.tokens_per_second)
+    log = {
+        "prompts": len(result.completions),
+        "prompt_tokens": prompt_tokens,
+        "generated_tokens": generated_tokens,
+        "finish_reasons": [c.finish_reason for c in result.completions],
+        "time_to_first_token_s": round(result.time_to_first_token_s, 3),
+        "total_s": round(result.total_s, 3),
+        "tokens_per_second": round(result.tokens_per_second, 2),
+    }
+    if settings.log_text:
+        log["prompts_text"] = request.prompt_list()
+        log["generated_text"] = [c.text for c in result.completions]
+    logger.info("generated", extra=log)
+    return GenerateResponse.from_result(result, request.batched)
+
+
+@router.post(
+    "/generate",
+    summary="Generate text",
+    description="Continue the prompt with Phi-2. Stops at end-of-text, a stop string, "
+    "max_new_tokens or the time budget, whichever comes first.",
+    responses={
+        200: {"description": "Generated text and details"},
+        400: {"description": "Malformed JSON", "content": {"application/json": {"model": ErrorResponse}}},
+        413: {"description": "Body too large", "content": {"application/json": {"model": ErrorResponse}}},
+        422: {
+            "description": "Invalid field, or prompt too long for the context",
+            "content": {"application/json": {"model": ErrorResponse}},
+        },
+        503: {"description": "Model not loaded", "content": {"application/json": {"model": ErrorResponse}}},
+    },
+)
+def generate(request: Annotated[GenerateRequest, Body()]) -> GenerateResponse:
+    return _generate(request)
+
+
+@router.get("/health", summary="Which model is loaded, and whether it is ready")
+def health() -> Response[HealthResponse]:
+    try:
+        generator = get_generator()
+    except errors.ModelNotReady:
+        generator = None
+    if generator is None:
+        body = HealthResponse(status="not_ready", loaded=False, cold_start=_Invocation.cold())
+        return Response(503, content_types.APPLICATION_JSON, body)
+    info = generator.info
+    body = HealthResponse(
+        status="ok",
+        loaded=True,
+        model_id=info.model_id,
+        dtype=info.dtype,
+        context_length=info.context_length,
+        load_seconds=round(info.load_seconds, 3),
+        cold_start=_Invocation.cold(),
+        model=info.manifest,
+    )
+    return Response(200, content_types.APPLICATION_JSON, body)
+
+
+def _build(resolver_class: type[ApiGatewayResolver]) -> ApiGatewayResolver:
+    app = resolver_class(enable_validation=True)
+    app.include_router(router)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi():  # no annotation: the spec does not describe itself
+        spec = app.get_openapi_json_schema(title=API_TITLE, version=API_VERSION)
+        return Response(200, content_types.APPLICATION_JSON, spec)
+
+    @app.exception_handler(RequestValidationError)
+    def on_validation(exc: RequestValidationError) -> Response:
+        return _error_response(_validation_error(exc))
+
+    @app.exception_handler(RequestUnsupportedContentType)
+    def on_content_type(exc: RequestUnsupportedContentType) -> Response:
+        return _error_response(errors.UnsupportedMediaType("send the body as application/json"))
+
+    @app.exception_handler((UnicodeDecodeError, binascii.Error))
+    def on_undecodable(exc: Exception) -> Response:
+        return _error_response(errors.BadRequest("request body is not valid UTF-8 (or not valid base64)"))
+
+    @app.exception_handler(errors.ApiError)
+    def on_api_error(exc: errors.ApiError) -> Response:
+        if exc.status_code >= 500:
+            logger.error("request failed", extra={"error": exc.code})
+        return _error_response(exc)
+
+    @app.not_found
+    def on_not_found(exc: NotFoundError) -> Response:
+        path, method = app.current_event.path, app.current_event.http_method
+        allowed = ROUTES.get(path)
+        if allowed and allowed != method:
+            return _error_response(
+                errors.MethodNotAllowed(f"{method} is not allowed on {path}; use {allowed}"),
+                headers={"Allow": allowed},
+            )
+        return _error_response(errors.NotFound(f"no route for {method} {path}; try POST /generate"))
+
+    @app.exception_handler(Exception)
+    def on_unexpected(exc: Exception) -> Response:
+        # Full detail (stack trace) to the logs only; the caller gets the request id to quote.
+        logger.exception("unhandled error")
+        return _error_response(errors.ApiError(errors.INTERNAL_ERROR_MESSAGE))
+
+    return app
+
+
+rest_app = _build(APIGatewayRestResolver)
+http_app = _build(APIGatewayHttpResolver)
+
+
+def _event_kind(event: Any) -> str:
+    if isinstance(event, dict) and isinstance(event.get("requestContext"), dict):
+        if event.get("version") == "2.0":
+            return "http"
+        if "httpMethod" in event:
+            return "rest"
+    return "direct"
+
+
+def _body_size(event: dict[str, Any]) -> int:
+    body = event.get("body") or ""
+    return len(body.encode("utf-8", "surrogatepass")) if isinstance(body, str) else 0
+
+
+def _proxy_error(exc: errors.ApiError, request_id: str | None) -> dict[str, Any]:
+    """An API Gateway proxy response built before Powertools sees the event (valid for v1 and v2)."""
+    return {
+        "statusCode": exc.status_code,
+        "headers": {"Content-Type": content_types.APPLICATION_JSON},
+        "body": json.dumps(_error_body(exc, request_id)),
+        "isBase64Encoded": False,
+    }
+
+
+def _direct(event: Any, request_id: str | None) -> dict[str, Any]:
+    """A direct invocation: the request body itself is the event; the result is plain JSON."""
+    try:
+        if not isinstance(event, dict):
+            raise errors.BadRequest("the event must be a JSON object such as {\"prompt\": \"...\"}")
+        request = GenerateRequest.model_validate(event)
+        return _generate(request).model_dump()
+    except ValidationError as exc:
+        failure = _validation_error(exc)
+    except errors.ApiError as exc:
+        failure = exc
+    except Exception:
+        logger.exception("unhandled error")
+        failure = errors.ApiError(errors.INTERNAL_ERROR_MESSAGE)
+    return {**_error_body(failure, request_id), "status_code": failure.status_code}
+
+
+@logger.inject_lambda_context(clear_state=True)
+@tracer.capture_lambda_handler(capture_response=False)
+@metrics.log_metrics(capture_cold_start_metric=True)
+def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
+    """Lambda handler: dispatch by event shape."""
+    _Invocation.count += 1
+    _Invocation.context = context
+    request_id = _request_id()
+    kind = _event_kind(event)
+    if kind == "direct":
+        return _direct(event, request_id)
+
+    logger.set_correlation_id(event["requestContext"].get("requestId"))
+    if _body_size(event) > settings.max_body_bytes:
+        too_large = errors.PayloadTooLarge(f"request body is over the {settings.max_body_bytes}-byte limit")
+        return _proxy_error(too_large, request_id)
+    app = http_app if kind == "http" else rest_app
+    try:
+        return app.resolve(event, context)
+    except Exception:
+        # Routes never get here (their errors are mapped above): this is an envelope Powertools cannot read.
+        logger.exception("malformed API Gateway event")
+        return _proxy_error(errors.BadRequest("malformed API Gateway event"), request_id)
+
+
+def _load_at_init() -> None:
+    """Load the model during the init phase so the first request finds it warm."""
+    try:
+        generator = get_generator()
+    except errors.ModelNotReady:
+        _, reason = load_status()
+        logger.error("model failed to load", extra={"reason": reason, "model_dir": str(settings.model_dir)})
+        return
+    info = generator.info
+    metrics.add_metric(name="ModelLoadSeconds", unit=MetricUnit.Seconds, value=info.load_seconds)
+    logger.info(
+        "model ready",
+        extra={"model_id": info.model_id, "dtype": info.dtype, "load_seconds": round(info.load_seconds, 3)},
+    )
+
+
+if settings.preload:
+    _load_at_init()

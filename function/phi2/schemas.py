@@ -1,0 +1,142 @@
+"""Request and response bodies of the HTTP API: bounded, described, and the source of the OpenAPI document."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from .generator import GenerationParams, GenerationResult
+
+MAX_PROMPTS = 8
+MAX_PROMPT_CHARS = 32_000
+MAX_NEW_TOKENS = 1024
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 64
+
+Prompt = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS)]
+StopSequence = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
+class GenerateRequest(BaseModel):
+    """`POST /generate`: the seed's `{"prompt": ...}` plus optional generation controls."""
+
+    # strict: "5" is not a number and 1.5 is not an int; forbid: a misspelt option is an error, not a no-op.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: Prompt | None = Field(None, description="Text to continue. Give exactly one of `prompt` and `prompts`.")
+    prompts: list[Prompt] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_PROMPTS,
+        description=f"Up to {MAX_PROMPTS} prompts, generated together as one left-padded batch.",
+    )
+    max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS, description="Upper bound on generated tokens.")
+    do_sample: bool = Field(True, description="Sample (true, as the seed did) or decode greedily (false).")
+    temperature: float = Field(
+        0.7, gt=0.0, le=5.0, allow_inf_nan=False, description="Softmax temperature when sampling."
+    )
+    top_p: float = Field(0.95, gt=0.0, le=1.0, allow_inf_nan=False, description="Nucleus sampling mass.")
+    top_k: int = Field(50, ge=0, le=1000, description="Sample among the k most likely tokens; 0 disables.")
+    repetition_penalty: float = Field(
+        1.0, ge=0.5, le=2.0, allow_inf_nan=False, description="Above 1 discourages repeating tokens."
+    )
+    seed: int | None = Field(
+        None, ge=0, lt=2**32, description="Random seed; the same seed and request give the same text."
+    )
+    stop: list[StopSequence] = Field(
+        default_factory=list,
+        max_length=MAX_STOP_SEQUENCES,
+        description="Generation ends at the first of these strings, which is not included in the text.",
+    )
+    return_full_text: bool = Field(True, description="Prefix the prompt to the generated text, as the seed did.")
+
+    @model_validator(mode="after")
+    def _one_prompt_field(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.prompts is None):
+            raise ValueError("give exactly one of `prompt` (a string) or `prompts` (a list of strings)")
+        return self
+
+    @property
+    def batched(self) -> bool:
+        return self.prompts is not None
+
+    def prompt_list(self) -> list[str]:
+        return list(self.prompts) if self.prompts is not None else [self.prompt or ""]
+
+    def params(self) -> GenerationParams:
+        return GenerationParams(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=self.do_sample,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+            stop=tuple(self.stop),
+            return_full_text=self.return_full_text,
+        )
+
+
+class Timings(BaseModel):
+    time_to_first_token_ms: float = Field(description="From request to the first new token (includes the prompt).")
+    total_ms: float = Field(description="Whole generation.")
+    tokens_per_second: float = Field(description="Decode speed after the first token, per sequence.")
+
+
+class Details(BaseModel):
+    finish_reason: Literal["length", "eos_token", "stop_sequence", "time_limit"] = Field(
+        description="length: max_new_tokens reached; eos_token: the model ended the text; "
+        "stop_sequence: a `stop` string was generated; time_limit: the time budget ran out."
+    )
+    prompt_tokens: int
+    generated_tokens: int
+    seed: int = Field(description="The seed used; send it back to reproduce this output.")
+    timings: Timings
+
+
+class GenerateResponse(BaseModel):
+    """The seed's `{"generated_text": ...}`; a list, in order, when the request had `prompts`."""
+
+    generated_text: str | list[str]
+    details: Details | list[Details]
+
+    @classmethod
+    def from_result(cls, result: GenerationResult, batched: bool) -> GenerateResponse:
+        timings = Timings(
+            time_to_first_token_ms=round(result.time_to_first_token_s * 1000, 1),
+            total_ms=round(result.total_s * 1000, 1),
+            tokens_per_second=round(result.tokens_per_second, 2),
+        )
+        details = [
+            Details(
+                finish_reason=c.finish_reason,
+                prompt_tokens=c.prompt_tokens,
+                generated_tokens=c.generated_tokens,
+                seed=result.seed,
+                timings=timings,
+            )
+            for c in result.completions
+        ]
+        texts = [c.text for c in result.completions]
+        if batched:
+            return cls(generated_text=texts, details=details)
+        return cls(generated_text=texts[0], details=details[0])
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "not_ready"]
+    loaded: bool
+    model_id: str | None = None
+    dtype: str | None = None
+    context_length: int | None = None
+    load_seconds: float | None = None
+    cold_start: bool = Field(description="True on the first invocation of this execution environment.")
+    model: dict[str, object] = Field(default_factory=dict, description="The preparation manifest.")
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="Stable error code, e.g. validation_error.")
+    message: str
+    request_id: str | None = None
+    details: list[dict[str, object]] = Field(default_factory=list)

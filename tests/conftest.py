@@ -1,0 +1,71 @@
+"""Shared fixtures: sample events from events/, prepared models, a fake generator, a Lambda context."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EVENTS = ROOT / "events"
+MODEL_CACHE = Path(os.environ.get("MODEL_CACHE", ROOT / ".cache" / "models"))
+
+# Unit tests never talk to AWS: Powertools and boto3 get a region and no tracing daemon.
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "true")
+os.environ.setdefault("POWERTOOLS_METRICS_NAMESPACE", "Phi2Tests")
+os.environ.setdefault("POWERTOOLS_SERVICE_NAME", "phi2-tests")
+
+
+def load_event(name: str) -> dict:
+    """A sample event from events/ (the same files `sam local invoke -e` uses)."""
+    return json.loads((EVENTS / f"{name}.json").read_text())
+
+
+@pytest.fixture
+def event():
+    return load_event
+
+
+@dataclass
+class LambdaContext:
+    """The attributes of the runtime's context object that the handler reads."""
+
+    remaining_ms: int = 60_000
+    function_name: str = "phi2-generate"
+    memory_limit_in_mb: int = 10240
+    invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:phi2-generate"
+    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+    def __post_init__(self) -> None:
+        self._deadline = time.monotonic() + self.remaining_ms / 1000
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self._deadline - time.monotonic()) * 1000))
+
+
+@pytest.fixture
+def lambda_context():
+    return LambdaContext()
+
+
+def prepared_model(name: str) -> Path:
+    """Prepare a model with the project's own script (cached across runs, like `make serve` does)."""
+    import prepare_model
+
+    return prepare_model.prepare(name, MODEL_CACHE / f"{name}-auto", None, "auto", force=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_phi_dir() -> Path:
+    return prepared_model("tiny-phi")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    return prepared_model("smollm2")
