@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "function"))
 
-from phi2.errors import ModelLoadError  # noqa: E402
-from phi2.model_files import MANIFEST_NAME, Manifest, describe_files, read_manifest, verify  # noqa: E402
+from phi2.errors import ModelLoadError
+from phi2.model_files import MANIFEST_NAME, Manifest, describe_files, read_manifest, verify
 
 # Hub models are pinned to a commit so that an image rebuilt later serves the same weights.
 PINNED_REVISIONS = {"microsoft/phi-2": "ef382358ec9e382308935a992d908de099b64c23"}
@@ -108,9 +108,7 @@ def load_hub(model_id: str, revision: str, dtype):
     # snapshot_download checks every file against the hub's sha256/etag and shows a progress bar.
     local = snapshot_download(model_id, revision=revision, allow_patterns=HUB_FILES)
     tokenizer = AutoTokenizer.from_pretrained(local)
-    model = AutoModelForCausalLM.from_pretrained(
-        local, dtype=dtype, use_safetensors=True, trust_remote_code=False
-    )
+    model = AutoModelForCausalLM.from_pretrained(local, dtype=dtype, use_safetensors=True, trust_remote_code=False)
     return model, tokenizer
 
 

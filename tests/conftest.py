@@ -18,8 +18,6 @@ MODEL_CACHE = Path(os.environ.get("MODEL_CACHE", ROOT / ".cache" / "models"))
 # Unit tests never talk to AWS: Powertools and boto3 get a region and no tracing daemon.
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "true")
-os.environ.setdefault("POWERTOOLS_METRICS_NAMESPACE", "Phi2Tests")
-os.environ.setdefault("POWERTOOLS_SERVICE_NAME", "phi2-tests")
 
 
 def load_event(name: str) -> dict:

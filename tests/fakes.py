@@ -27,7 +27,10 @@ class FakeGenerator(Generator):
 
     def __post_init__(self) -> None:
         self.info = ModelInfo(
-            model_id="fake/model", dtype="float32", context_length=self.context_length, load_seconds=0.5,
+            model_id="fake/model",
+            dtype="float32",
+            context_length=self.context_length,
+            load_seconds=0.5,
             manifest={"model_id": "fake/model", "source": "test", "revision": "r1", "dtype": "float32"},
         )
 

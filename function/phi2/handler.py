@@ -36,10 +36,10 @@ from .settings import get_settings
 # Health checks and rejected requests publish no metrics; that is expected, not worth a warning each.
 warnings.filterwarnings("ignore", message="No application metrics to publish")
 
-logger = Logger()
-metrics = Metrics()
-tracer = Tracer()
 settings = get_settings()
+logger = Logger(service=settings.service_name)
+metrics = Metrics(namespace=settings.metrics_namespace, service=settings.service_name)
+tracer = Tracer(service=settings.service_name)
 
 ROUTES = {"/generate": "POST", "/health": "GET", "/openapi.json": "GET"}
 API_TITLE = "Phi-2 text generation"
@@ -67,9 +67,7 @@ def _request_id() -> str | None:
 
 
 def _error_body(exc: errors.ApiError, request_id: str | None) -> dict[str, Any]:
-    return ErrorResponse(
-        error=exc.code, message=exc.message, request_id=request_id, details=exc.details
-    ).model_dump()
+    return ErrorResponse(error=exc.code, message=exc.message, request_id=request_id, details=exc.details).model_dump()
 
 
 def _error_response(exc: errors.ApiError, headers: dict[str, str] | None = None) -> Response:
@@ -107,9 +105,7 @@ def _generate(request: GenerateRequest) -> GenerateResponse:
     generated_tokens = sum(c.generated_tokens for c in result.completions)
     metrics.add_metric(name="PromptTokens", unit=MetricUnit.Count, value=prompt_tokens)
     metrics.add_metric(name="GeneratedTokens", unit=MetricUnit.Count, value=generated_tokens)
-    metrics.add_metric(
-        name="TimeToFirstToken", unit=MetricUnit.Milliseconds, value=result.time_to_first_token_s * 1000
-    )
+    metrics.add_metric(name="TimeToFirstToken", unit=MetricUnit.Milliseconds, value=result.time_to_first_token_s * 1000)
     metrics.add_metric(name="GenerationSeconds", unit=MetricUnit.Seconds, value=result.total_s)
     metrics.add_metric(name="TokensPerSecond", unit=MetricUnit.CountPerSecond, value=result.tokens_per_second)
     log = {
@@ -250,7 +246,7 @@ def _direct(event: Any, request_id: str | None) -> dict[str, Any]:
     """A direct invocation: the request body itself is the event; the result is plain JSON."""
     try:
         if not isinstance(event, dict):
-            raise errors.BadRequest("the event must be a JSON object such as {\"prompt\": \"...\"}")
+            raise errors.BadRequest('the event must be a JSON object such as {"prompt": "..."}')
         request = GenerateRequest.model_validate(event)
         return _generate(request).model_dump()
     except ValidationError as exc:

@@ -9,14 +9,15 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import logging  # noqa: E402
-import secrets  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import contextlib
+import logging
+import secrets
+import time
+from pathlib import Path
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from transformers import (  # noqa: E402
+import torch
+import transformers
+from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
@@ -24,9 +25,9 @@ from transformers import (  # noqa: E402
     StoppingCriteriaList,
 )
 
-from .errors import ContextLengthExceeded, ModelLoadError  # noqa: E402
-from .generator import Completion, GenerationParams, GenerationResult, Generator, ModelInfo  # noqa: E402
-from .model_files import read_manifest, verify  # noqa: E402
+from .errors import ContextLengthExceeded, ModelLoadError
+from .generator import Completion, GenerationParams, GenerationResult, Generator, ModelInfo
+from .model_files import read_manifest, verify
 
 log = logging.getLogger(__name__)
 # Progress bars are for terminals; in Lambda they are only noise in the logs.
@@ -47,10 +48,9 @@ def configure_threads(num_threads: int | None) -> int:
     """Size torch's pools once: intra-op to the vCPUs, inter-op to one (decode is one op stream)."""
     threads = num_threads or available_cpus()
     torch.set_num_threads(threads)
-    try:
+    # Only allowed once per process, before any parallel work: a second load keeps the first setting.
+    with contextlib.suppress(RuntimeError):
         torch.set_num_interop_threads(1)
-    except RuntimeError:
-        pass  # already set: only allowed once per process, before any parallel work
     return threads
 
 

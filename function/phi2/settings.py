@@ -52,6 +52,10 @@ class Settings:
     """Run one short generation at load so the first request does not pay kernel initialisation."""
     log_text: bool
     """Log prompts and generated text. Off by default: they may be personal data."""
+    service_name: str
+    """Powertools service name: a key in every log line and a metrics dimension."""
+    metrics_namespace: str
+    """CloudWatch namespace of the EMF metrics."""
 
 
 def _default_preload() -> bool:
@@ -72,4 +76,6 @@ def get_settings() -> Settings:
         preload=_bool("PRELOAD_MODEL", _default_preload()),
         warmup=_bool("WARMUP", True),
         log_text=_bool("LOG_TEXT", False),
+        service_name=os.environ.get("POWERTOOLS_SERVICE_NAME", "phi2-text-generation"),
+        metrics_namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "Phi2TextGeneration"),
     )

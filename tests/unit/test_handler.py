@@ -37,7 +37,11 @@ def test_importing_the_handler_loads_no_model():
     )
     # WHEN the handler module is imported
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT / "function", capture_output=True, text=True, check=True,
+        [sys.executable, "-c", code],
+        cwd=ROOT / "function",
+        capture_output=True,
+        text=True,
+        check=True,
         env={"PATH": "", "POWERTOOLS_TRACE_DISABLED": "true", "AWS_DEFAULT_REGION": "us-east-1"},
     )
     # THEN nothing was loaded, not even torch

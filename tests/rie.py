@@ -1,0 +1,94 @@
+"""Run the function under the real Lambda Runtime Interface Emulator, started by the project's own
+entry script (the one `make serve` and the container image run), and invoke it over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+INVOKE_PATH = "/2015-03-31/functions/function/invocations"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RieServer:
+    """One RIE process. It serves one invoke at a time, so callers invoke sequentially."""
+
+    def __init__(self, model_dir: Path, **env: str) -> None:
+        rie = os.environ.get("RIE_BIN", str(ROOT / ".cache" / "rie" / "aws-lambda-rie"))
+        self.port = free_port()
+        self.log = tempfile.NamedTemporaryFile(prefix="rie-", suffix=".log", delete=False)  # noqa: SIM115
+        environment = {
+            **os.environ,
+            "MODEL_DIR": str(model_dir),
+            "RIE_BIN": rie,
+            "PYTHON": sys.executable,
+            "RIE_ADDRESS": f"127.0.0.1:{self.port}",
+            "RUNTIME_API_ADDRESS": f"127.0.0.1:{free_port()}",
+            "POWERTOOLS_TRACE_DISABLED": "true",
+            **env,
+        }
+        self.process = subprocess.Popen(
+            [str(ROOT / "infra" / "entrypoint.sh")],
+            env=environment,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self._wait_listening()
+
+    def _wait_listening(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"RIE exited early:\n{self.logs()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise TimeoutError(f"RIE did not listen on {self.port}:\n{self.logs()}")
+
+    def invoke_raw(self, payload: bytes, timeout: float = 300) -> dict | list | str:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{INVOKE_PATH}", data=payload, method="POST")
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+
+    def invoke(self, event: object, timeout: float = 300) -> dict:
+        return self.invoke_raw(json.dumps(event).encode(), timeout)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def logs(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.alive():
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
+
+
+def api_body(response: dict) -> dict:
+    """The JSON body of an API Gateway proxy response."""
+    return json.loads(response["body"])
