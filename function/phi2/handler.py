@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from . import errors
 from .generator import deadline_from, get_generator, load_status
-from .schemas import ErrorResponse, GenerateRequest, GenerateResponse, HealthResponse
+from .schemas import ErrorResponse, GenerateRequest, GenerateResponse, HealthResponse, HttpEvent, RestEvent
 from .settings import get_settings
 
 # Health checks and rejected requests publish no metrics; that is expected, not worth a warning each.
@@ -42,6 +42,12 @@ metrics = Metrics(namespace=settings.metrics_namespace, service=settings.service
 tracer = Tracer(service=settings.service_name)
 
 ROUTES = {"/generate": "POST", "/health": "GET", "/openapi.json": "GET"}
+# Keys only API Gateway events have: an event with any of them is answered as an API Gateway request.
+API_GATEWAY_KEYS = ("requestContext", "httpMethod", "rawPath", "routeKey")
+# Input echoed in an error message (a path, a field name) is cut to this many characters.
+MAX_ECHO_CHARS = 80
+# An error lists at most this many problems: a body of ten thousand unknown fields gets a short answer.
+MAX_ERROR_DETAILS = 20
 API_TITLE = "Phi-2 text generation"
 API_VERSION = "1.0.0"
 
@@ -66,6 +72,12 @@ def _request_id() -> str | None:
     return getattr(_Invocation.context, "aws_request_id", None)
 
 
+def _clip(text: object) -> str:
+    """Caller input quoted in an error, cut short: it may be huge, and it is not ours to echo in full."""
+    text = str(text)
+    return text if len(text) <= MAX_ECHO_CHARS else text[:MAX_ECHO_CHARS] + "…"
+
+
 def _error_body(exc: errors.ApiError, request_id: str | None) -> dict[str, Any]:
     return ErrorResponse(error=exc.code, message=exc.message, request_id=request_id, details=exc.details).model_dump()
 
@@ -85,12 +97,45 @@ def _validation_error(exc: ValidationError | RequestValidationError) -> errors.A
     if any(p.get("type") == "json_invalid" for p in problems):
         reason = next(p.get("ctx", {}).get("error", "") for p in problems if p.get("type") == "json_invalid")
         return errors.InvalidJson(f"request body is not valid JSON: {reason}".rstrip(": "))
+    if any(p.get("type") == "missing" and tuple(p.get("loc", ())) == ("body",) for p in problems):
+        return errors.ValidationFailed(
+            'request body is empty: send a JSON object such as {"prompt": "..."}',
+            details=[{"field": "body", "message": "Field required", "type": "missing"}],
+        )
     details = []
-    for p in problems:
-        loc = [str(part) for part in p.get("loc", ()) if part != "body"]
+    for p in problems[:MAX_ERROR_DETAILS]:
+        loc = [_clip(part) for part in p.get("loc", ()) if part != "body"]
         details.append({"field": ".".join(loc) or "body", "message": p.get("msg", ""), "type": p.get("type", "")})
     summary = "; ".join(f"{d['field']}: {d['message']}" for d in details)
+    if len(problems) > MAX_ERROR_DETAILS:
+        summary += f"; and {len(problems) - MAX_ERROR_DETAILS} more"
     return errors.ValidationFailed(f"invalid request: {summary}", details=details)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON (JSON numbers are finite)")
+
+
+def _parse_json_body(text: str) -> Any:
+    """The request body as JSON, for the resolver: strict JSON, an object, and never a crash.
+
+    Python's json accepts NaN and Infinity (JSON has neither), recurses once per nesting level and refuses
+    integers of more than 4,300 digits; each of those is reported as invalid JSON, like any syntax error.
+    """
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text, 0) from None
+    except ValueError as exc:
+        reason = str(exc) if "JSON" in str(exc) else "a number has too many digits"
+        raise json.JSONDecodeError(reason, text, 0) from None
+    if not isinstance(value, dict):
+        raise RequestValidationError(
+            [{"type": "model_attributes_type", "loc": ("body",), "msg": "the body must be a JSON object", "input": {}}]
+        )
+    return value
 
 
 @tracer.capture_method
@@ -168,7 +213,7 @@ def health() -> Response[HealthResponse]:
 
 
 def _build(resolver_class: type[ApiGatewayResolver]) -> ApiGatewayResolver:
-    app = resolver_class(enable_validation=True)
+    app = resolver_class(enable_validation=True, json_body_deserializer=_parse_json_body)
     app.include_router(router)
 
     @app.get("/openapi.json", include_in_schema=False)
@@ -184,9 +229,15 @@ def _build(resolver_class: type[ApiGatewayResolver]) -> ApiGatewayResolver:
     def on_content_type(exc: RequestUnsupportedContentType) -> Response:
         return _error_response(errors.UnsupportedMediaType("send the body as application/json"))
 
-    @app.exception_handler((UnicodeDecodeError, binascii.Error))
-    def on_undecodable(exc: Exception) -> Response:
-        return _error_response(errors.BadRequest("request body is not valid UTF-8 (or not valid base64)"))
+    # Raised while the resolver decodes the body. One handler each: Powertools takes a list of classes, but
+    # registers a tuple as one key that never matches, which made these 500s.
+    @app.exception_handler(binascii.Error)
+    def on_bad_base64(exc: Exception) -> Response:
+        return _error_response(errors.BadRequest("request body is marked isBase64Encoded but is not valid base64"))
+
+    @app.exception_handler(UnicodeDecodeError)
+    def on_bad_utf8(exc: Exception) -> Response:
+        return _error_response(errors.BadRequest("request body is not valid UTF-8"))
 
     @app.exception_handler(errors.ApiError)
     def on_api_error(exc: errors.ApiError) -> Response:
@@ -200,10 +251,10 @@ def _build(resolver_class: type[ApiGatewayResolver]) -> ApiGatewayResolver:
         allowed = ROUTES.get(path)
         if allowed and allowed != method:
             return _error_response(
-                errors.MethodNotAllowed(f"{method} is not allowed on {path}; use {allowed}"),
+                errors.MethodNotAllowed(f"{_clip(method)} is not allowed on {path}; use {allowed}"),
                 headers={"Allow": allowed},
             )
-        return _error_response(errors.NotFound(f"no route for {method} {path}; try POST /generate"))
+        return _error_response(errors.NotFound(f"no route for {_clip(method)} {_clip(path)}; try POST /generate"))
 
     @app.exception_handler(Exception)
     def on_unexpected(exc: Exception) -> Response:
@@ -219,12 +270,31 @@ http_app = _build(APIGatewayHttpResolver)
 
 
 def _event_kind(event: Any) -> str:
-    if isinstance(event, dict) and isinstance(event.get("requestContext"), dict):
-        if event.get("version") == "2.0":
-            return "http"
-        if "httpMethod" in event:
-            return "rest"
+    if isinstance(event, dict) and any(key in event for key in API_GATEWAY_KEYS):
+        return "http" if event.get("version") == "2.0" else "rest"
     return "direct"
+
+
+def _envelope_problem(event: dict[str, Any], kind: str) -> errors.ApiError | None:
+    """Why this API Gateway event cannot be served, checked before the resolver reads it; None if it can."""
+    try:
+        envelope = (HttpEvent if kind == "http" else RestEvent).model_validate(event)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(_clip(part) for part in first.get("loc", ()))
+        # pydantic names the model class in this message; the caller needs the shape, not our class names.
+        message = "Input should be an object" if first.get("type") == "model_type" else first.get("msg", "")
+        return errors.BadRequest(f"malformed API Gateway event: {where}: {message}")
+    if _body_size(event) > settings.max_body_bytes:
+        return errors.PayloadTooLarge(f"request body is over the {settings.max_body_bytes}-byte limit")
+    if envelope.body:
+        headers = {name.lower(): value for name, value in (envelope.headers or {}).items()}
+        media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        # The resolver would parse a form or multipart body as such, and then report its JSON as unknown
+        # fields: say what is wrong instead.
+        if media_type not in ("", "application/json"):
+            return errors.UnsupportedMediaType(f"send the body as application/json, not {_clip(media_type)}")
+    return None
 
 
 def _body_size(event: dict[str, Any]) -> int:
@@ -271,10 +341,10 @@ def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
     if kind == "direct":
         return _direct(event, request_id)
 
+    problem = _envelope_problem(event, kind)
+    if problem is not None:
+        return _proxy_error(problem, request_id)
     logger.set_correlation_id(event["requestContext"].get("requestId"))
-    if _body_size(event) > settings.max_body_bytes:
-        too_large = errors.PayloadTooLarge(f"request body is over the {settings.max_body_bytes}-byte limit")
-        return _proxy_error(too_large, request_id)
     app = http_app if kind == "http" else rest_app
     try:
         return app.resolve(event, context)

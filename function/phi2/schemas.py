@@ -13,6 +13,8 @@ MAX_PROMPT_CHARS = 32_000
 MAX_NEW_TOKENS = 1024
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 64
+# Below this, logits / temperature overflows float32 and sampling fails; greedy is do_sample=false.
+MIN_TEMPERATURE = 0.01
 
 Prompt = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS)]
 StopSequence = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
@@ -34,7 +36,11 @@ class GenerateRequest(BaseModel):
     max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS, description="Upper bound on generated tokens.")
     do_sample: bool = Field(True, description="Sample (true, as the seed did) or decode greedily (false).")
     temperature: float = Field(
-        0.7, gt=0.0, le=5.0, allow_inf_nan=False, description="Softmax temperature when sampling."
+        0.7,
+        ge=MIN_TEMPERATURE,
+        le=5.0,
+        allow_inf_nan=False,
+        description="Softmax temperature when sampling. For greedy decoding send `do_sample: false`.",
     )
     top_p: float = Field(0.95, gt=0.0, le=1.0, allow_inf_nan=False, description="Nucleus sampling mass.")
     top_k: int = Field(50, ge=0, le=1000, description="Sample among the k most likely tokens; 0 disables.")
@@ -140,3 +146,59 @@ class ErrorResponse(BaseModel):
     message: str
     request_id: str | None = None
     details: list[dict[str, object]] = Field(default_factory=list)
+
+
+# API Gateway envelopes: the fields Powertools' resolvers read, with the types API Gateway sends. Checked
+# before the resolver runs, so a malformed event is a 400 naming the field instead of a crash inside it.
+StrMap = dict[str, str] | None
+ListMap = dict[str, list[str]] | None
+
+
+class _Envelope(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class RestRequestContext(_Envelope):
+    requestId: str | None = None
+
+
+class RestEvent(_Envelope):
+    """An API Gateway REST API event (payload format 1.0, also what HTTP APIs send as version 1.0)."""
+
+    httpMethod: str
+    path: str
+    headers: StrMap = None
+    multiValueHeaders: ListMap = None
+    queryStringParameters: StrMap = None
+    multiValueQueryStringParameters: ListMap = None
+    pathParameters: StrMap = None
+    stageVariables: StrMap = None
+    requestContext: RestRequestContext
+    body: str | None = None
+    isBase64Encoded: bool | None = None
+
+
+class HttpDetails(_Envelope):
+    method: str
+
+
+class HttpRequestContext(_Envelope):
+    http: HttpDetails
+    stage: str
+    requestId: str | None = None
+
+
+class HttpEvent(_Envelope):
+    """An API Gateway HTTP API event (payload format 2.0)."""
+
+    version: Literal["2.0"]
+    rawPath: str
+    rawQueryString: str = ""
+    cookies: list[str] | None = None
+    headers: StrMap = None
+    queryStringParameters: StrMap = None
+    pathParameters: StrMap = None
+    stageVariables: StrMap = None
+    requestContext: HttpRequestContext
+    body: str | None = None
+    isBase64Encoded: bool | None = None
