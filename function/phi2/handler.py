@@ -104,7 +104,7 @@ def _validation_error(exc: ValidationError | RequestValidationError) -> errors.A
         )
     details = []
     for p in problems[:MAX_ERROR_DETAILS]:
-        loc = [_clip(part) for part in p.get("loc", ()) if part != "body"]
+        loc = [_clip(part) or '""' for part in p.get("loc", ()) if part != "body"]
         details.append({"field": ".".join(loc) or "body", "message": p.get("msg", ""), "type": p.get("type", "")})
     summary = "; ".join(f"{d['field']}: {d['message']}" for d in details)
     if len(problems) > MAX_ERROR_DETAILS:

@@ -1,0 +1,102 @@
+"""The catalogue of hostile events in events/hostile/: each file describes one bad (or valid-but-unusual)
+invocation and the answer it must get.
+
+A file holds `description`, `expect`, and one way to build the invoke payload:
+
+- `event`: the event itself (any JSON value: direct invocations may be garbage), or
+- `base`: the name of a sample event in events/, changed by `set` ({"dotted.path": value}) and `unset`;
+- `expand`: for inputs too big to commit: {"at": dotted path, "template": "...@FILL@...", "unit": text,
+  "times": n} puts `unit` repeated n times (with @I@ replaced by the repetition's index) into the template;
+- `payload` / `payload_base64`: raw invoke bytes that are not a JSON event at all.
+
+`expect` is {"status", "error", "mentions": [...]} (a 4xx error whose message names the problem), {"status":
+200}, or {"runtime_error": "Runtime.UnmarshalError"} (the Lambda runtime rejects the payload itself).
+
+To send one by hand:  python tests/reliability/hostile.py rest-body-json-array | curl -d @- <invoke url>
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+EVENTS = ROOT / "events"
+CATALOGUE = EVENTS / "hostile"
+
+
+@dataclass(frozen=True)
+class HostileCase:
+    name: str
+    description: str
+    expect: dict[str, Any]
+    payload: bytes
+
+
+def names() -> list[str]:
+    return sorted(path.stem for path in CATALOGUE.glob("*.json"))
+
+
+def _walk(target: Any, dotted: str) -> tuple[Any, str]:
+    *parents, last = dotted.split(".")
+    for key in parents:
+        target = target[key]
+    return target, last
+
+
+def _expanded(spec: dict[str, Any]) -> str:
+    unit, times = spec["unit"], spec["times"]
+    fill = "".join(unit.replace("@I@", str(i)) for i in range(times)) if "@I@" in unit else unit * times
+    return spec["template"].replace("@FILL@", fill)
+
+
+def load(name: str) -> HostileCase:
+    spec = json.loads((CATALOGUE / f"{name}.json").read_text(encoding="utf-8"))
+    if "payload" in spec:
+        payload = spec["payload"].encode("utf-8")
+    elif "payload_base64" in spec:
+        payload = base64.b64decode(spec["payload_base64"])
+    else:
+        if "base" in spec:
+            event = json.loads((EVENTS / f"{spec['base']}.json").read_text(encoding="utf-8"))
+        else:
+            event = copy.deepcopy(spec["event"])
+        for dotted in spec.get("unset", []):
+            parent, key = _walk(event, dotted)
+            del parent[key]
+        for dotted, value in spec.get("set", {}).items():
+            parent, key = _walk(event, dotted)
+            parent[key] = value
+        if "expand" in spec:
+            parent, key = _walk(event, spec["expand"]["at"])
+            parent[key] = _expanded(spec["expand"])
+        payload = json.dumps(event, ensure_ascii=False).encode("utf-8")
+    return HostileCase(name, spec["description"], spec["expect"], payload)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an invoke answered, whatever its shape."""
+
+    status: int | None  # HTTP status (API Gateway proxy response or direct error object); None: runtime error
+    body: dict[str, Any] | None
+    runtime_error: str | None
+
+
+def outcome(response: Any) -> Outcome:
+    if isinstance(response, dict) and "errorType" in response:
+        return Outcome(None, None, response["errorType"])
+    if isinstance(response, dict) and "statusCode" in response:
+        return Outcome(response["statusCode"], json.loads(response["body"]), None)
+    if isinstance(response, dict) and "status_code" in response:
+        return Outcome(response["status_code"], response, None)
+    return Outcome(200, response, None)
+
+
+if __name__ == "__main__":
+    sys.stdout.buffer.write(load(sys.argv[1]).payload)
