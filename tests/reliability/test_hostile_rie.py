@@ -15,7 +15,7 @@ from runtime_process import runtime_pid
 pytestmark = pytest.mark.e2e
 
 # What must never appear in an answer: a stack trace, a source location, where the code or model lives.
-LEAKS = ("Traceback", 'File "', "site-packages", str(ROOT), "/opt/model", ".py\"", ".safetensors")
+LEAKS = ("Traceback", 'File "', "site-packages", str(ROOT), "/opt/model", '.py"', ".safetensors")
 
 
 @pytest.fixture(scope="module")
