@@ -76,3 +76,13 @@ def test_hostile_event_gets_its_expected_answer_and_the_runtime_keeps_serving(se
     # AND the same runtime process (the warm model) is alive and answers a normal request
     assert server.alive() and runtime_pid(server) == server.runtime_pid
     assert_a_normal_request_still_works(server)
+
+
+def test_no_catalogue_case_reached_the_catch_all_error_paths(server):
+    # GIVEN the runtime's logs after the catalogue above (this test runs after it, on the same server)
+    logs = server.logs()
+    # THEN no case went through the generic 500 path or the last-resort "malformed event" catch-all:
+    # every rejection was a deliberate, named one
+    assert '"message":"unhandled error"' not in logs
+    assert '"message":"malformed API Gateway event"' not in logs
+    assert '"message":"request failed"' not in logs

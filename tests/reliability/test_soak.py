@@ -16,7 +16,7 @@ from runtime_process import rss_kib, runtime_pid
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-INVOKES = 320
+INVOKES = 300
 BASELINE_AFTER = 20
 MAX_GROWTH = 0.05
 
