@@ -112,8 +112,12 @@ def _validation_error(exc: ValidationError | RequestValidationError) -> errors.A
     return errors.ValidationFailed(f"invalid request: {summary}", details=details)
 
 
+class _NotJson(ValueError):
+    """Something Python's json reads that JSON does not have."""
+
+
 def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON (JSON numbers are finite)")
+    raise _NotJson(f"{name} is not valid JSON (JSON numbers are finite)")
 
 
 def _parse_json_body(text: str) -> Any:
@@ -126,11 +130,12 @@ def _parse_json_body(text: str) -> Any:
         value = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError:
         raise
+    except _NotJson as exc:
+        raise json.JSONDecodeError(str(exc), text, 0) from None
     except RecursionError:
         raise json.JSONDecodeError("nested too deeply", text, 0) from None
-    except ValueError as exc:
-        reason = str(exc) if "JSON" in str(exc) else "a number has too many digits"
-        raise json.JSONDecodeError(reason, text, 0) from None
+    except ValueError:  # int() refusing a literal of more than sys.get_int_max_str_digits() digits
+        raise json.JSONDecodeError("a number has too many digits", text, 0) from None
     if not isinstance(value, dict):
         raise RequestValidationError(
             [{"type": "model_attributes_type", "loc": ("body",), "msg": "the body must be a JSON object", "input": {}}]
@@ -288,13 +293,27 @@ def _envelope_problem(event: dict[str, Any], kind: str) -> errors.ApiError | Non
     if _body_size(event) > settings.max_body_bytes:
         return errors.PayloadTooLarge(f"request body is over the {settings.max_body_bytes}-byte limit")
     if envelope.body:
-        headers = {name.lower(): value for name, value in (envelope.headers or {}).items()}
-        media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        media_type = _media_type(event)
         # The resolver would parse a form or multipart body as such, and then report its JSON as unknown
         # fields: say what is wrong instead.
         if media_type not in ("", "application/json"):
             return errors.UnsupportedMediaType(f"send the body as application/json, not {_clip(media_type)}")
+        if media_type:
+            _lowercase_media_type(event)
     return None
+
+
+def _media_type(event: dict[str, Any]) -> str:
+    headers = {name.lower(): value for name, value in (event.get("headers") or {}).items()}
+    return headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _lowercase_media_type(event: dict[str, Any]) -> None:
+    """Media types are case-insensitive, but the resolver only takes a lowercase `application/json`."""
+    for name, value in event["headers"].items():
+        if name.lower() == "content-type":
+            media_type, _, parameters = value.partition(";")
+            event["headers"][name] = media_type.strip().lower() + (";" + parameters if parameters else "")
 
 
 def _body_size(event: dict[str, Any]) -> int:
