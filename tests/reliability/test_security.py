@@ -36,8 +36,10 @@ def test_prompts_and_generated_text_stay_out_of_the_runtime_logs_by_default(tiny
     try:
         # WHEN the prompt arrives in a good request, a direct one, a batch, and in rejected ones
         single = api_body(rie.invoke(_rest({"prompt": f"{canary} says", "max_new_tokens": 12, "do_sample": False})))
-        direct = rie.invoke({"prompt": f"{canary} again", "max_new_tokens": 12})
-        batch = api_body(rie.invoke(_rest({"prompts": [canary, f"{canary}!"], "max_new_tokens": 12})))
+        direct = rie.invoke({"prompt": f"{canary} again", "max_new_tokens": 12, "do_sample": False})
+        batch = api_body(
+            rie.invoke(_rest({"prompts": [canary, f"{canary}!"], "max_new_tokens": 12, "do_sample": False}))
+        )
         rejected = [
             rie.invoke(_rest({"prompt": canary, "max_tokens": 5, canary: 1})),
             rie.invoke(_rest({"prompt": canary * 400, "max_new_tokens": 1024})),  # context overflow
