@@ -12,7 +12,7 @@ A file holds `description`, `expect`, and one way to build the invoke payload:
 `expect` is {"status", "error", "mentions": [...]} (a 4xx error whose message names the problem), {"status":
 200}, or {"runtime_error": "Runtime.UnmarshalError"} (the Lambda runtime rejects the payload itself).
 
-To send one by hand:  python tests/reliability/hostile.py rest-body-json-array | curl -d @- <invoke url>
+To send one by hand:  python tests/reliability/hostile.py rest-body-json-array | curl --data-binary @- <invoke url>
 """
 
 from __future__ import annotations
