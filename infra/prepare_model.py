@@ -107,7 +107,7 @@ def load_hub(model_id: str, revision: str, dtype):
     log(f"downloading {model_id}@{revision} (safetensors only)")
     # snapshot_download checks every file against the hub's sha256/etag and shows a progress bar.
     local = snapshot_download(model_id, revision=revision, allow_patterns=HUB_FILES)
-    tokenizer = AutoTokenizer.from_pretrained(local)
+    tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=False)
     model = AutoModelForCausalLM.from_pretrained(local, dtype=dtype, use_safetensors=True, trust_remote_code=False)
     return model, tokenizer
 

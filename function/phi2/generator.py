@@ -113,6 +113,7 @@ def get_generator() -> Generator:
                     dtype=settings.dtype,
                     num_threads=settings.num_threads,
                     warmup=settings.warmup,
+                    verify_checksums=settings.verify_checksums,
                 )
             except ModelLoadError as exc:
                 _load_error = str(exc)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import transformers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
@@ -52,6 +53,15 @@ def configure_threads(num_threads: int | None) -> int:
     with contextlib.suppress(RuntimeError):
         torch.set_num_interop_threads(1)
     return threads
+
+
+def _loading(what: str, model_dir: Path, load, **kwargs):
+    """Call a transformers loader on the prepared directory, offline and without remote code; any failure
+    becomes a ModelLoadError that names the part that failed."""
+    try:
+        return load(model_dir, local_files_only=True, trust_remote_code=False, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - whatever went wrong, the part is unusable
+        raise ModelLoadError(f"{what} in {model_dir.name} failed to load: {type(exc).__name__}: {exc}") from None
 
 
 class _Monitor(StoppingCriteria):
@@ -115,29 +125,33 @@ class TransformersGenerator(Generator):
         tokenizer.padding_side = "left"
 
     @classmethod
-    def load(cls, model_dir: Path, *, dtype: str = "auto", num_threads: int | None = None, warmup: bool = True):
+    def load(
+        cls,
+        model_dir: Path,
+        *,
+        dtype: str = "auto",
+        num_threads: int | None = None,
+        warmup: bool = True,
+        verify_checksums: bool = False,
+    ):
         """Load the model and tokenizer prepared in `model_dir`; raise ModelLoadError naming the problem."""
         started = time.monotonic()
         manifest = read_manifest(model_dir)
-        verify(model_dir, manifest, checksums=False)
+        verify(model_dir, manifest, checksums=verify_checksums)
         dtype_name = manifest.dtype if dtype == "auto" else dtype
         if dtype_name not in DTYPES:
             raise ModelLoadError(f"unsupported dtype {dtype_name!r}; use one of {sorted(DTYPES)}")
         threads = configure_threads(num_threads)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        except Exception as exc:  # noqa: BLE001 - any tokenizer failure means the same thing here
-            raise ModelLoadError(f"tokenizer in {model_dir.name} failed to load: {type(exc).__name__}: {exc}") from None
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                model_dir,
-                dtype=DTYPES[dtype_name],
-                local_files_only=True,
-                use_safetensors=True,
-                trust_remote_code=False,
-            )
-        except Exception as exc:  # noqa: BLE001
-            raise ModelLoadError(f"weights in {model_dir.name} failed to load: {type(exc).__name__}: {exc}") from None
+        config = _loading("config.json", model_dir, AutoConfig.from_pretrained)
+        tokenizer = _loading("the tokenizer", model_dir, AutoTokenizer.from_pretrained)
+        model = _loading(
+            "the weights",
+            model_dir,
+            AutoModelForCausalLM.from_pretrained,
+            config=config,
+            dtype=DTYPES[dtype_name],
+            use_safetensors=True,
+        )
         model.eval()
         vocab = model.get_input_embeddings().weight.shape[0]
         if len(tokenizer) > vocab:

@@ -50,6 +50,9 @@ class Settings:
     """Load the model at import (init phase). On by default inside a Lambda runtime, off in unit tests."""
     warmup: bool
     """Run one short generation at load so the first request does not pay kernel initialisation."""
+    verify_checksums: bool
+    """Hash every model file against the manifest at load. Sizes are always checked; hashing costs
+    about a second per gigabyte of cold start, so it is opt-in (preparation always hashes)."""
     log_text: bool
     """Log prompts and generated text. Off by default: they may be personal data."""
     service_name: str
@@ -75,6 +78,7 @@ def get_settings() -> Settings:
         num_threads=_int("TORCH_NUM_THREADS", None),
         preload=_bool("PRELOAD_MODEL", _default_preload()),
         warmup=_bool("WARMUP", True),
+        verify_checksums=_bool("VERIFY_CHECKSUMS", False),
         log_text=_bool("LOG_TEXT", False),
         service_name=os.environ.get("POWERTOOLS_SERVICE_NAME", "phi2-text-generation"),
         metrics_namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "Phi2TextGeneration"),

@@ -126,6 +126,9 @@ def test_corruption_inside_the_tensor_data_is_caught_by_the_checksum_check(tiny_
     # THEN the sha256 names the file
     with pytest.raises(ModelLoadError, match=f"{WEIGHTS} does not match its sha256"):
         verify(model, manifest, checksums=True)
+    # AND so does the loader when VERIFY_CHECKSUMS asks it to hash at cold start
+    with pytest.raises(ModelLoadError, match=f"{WEIGHTS} does not match its sha256"):
+        TransformersGenerator.load(model, warmup=False, verify_checksums=True)
 
 
 # Under the RIE each start costs an interpreter with torch: one fault per place the check happens.

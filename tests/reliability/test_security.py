@@ -81,16 +81,22 @@ def test_trust_remote_code_is_never_enabled_anywhere():
 
 
 def test_the_served_model_is_loaded_only_from_safetensors_and_only_locally():
-    # GIVEN the loader's from_pretrained calls
-    calls = [c for c in _calls(ROOT / "function" / "phi2" / "hf_generator.py") if _name(c).endswith("from_pretrained")]
-    assert calls
-    for call in calls:
-        keywords = {k.arg: ast.literal_eval(k.value) for k in call.keywords if isinstance(k.value, ast.Constant)}
-        # THEN each reads local files only, and the model's weights only from safetensors, without remote code
-        assert keywords.get("local_files_only") is True, _name(call)
-        if "ForCausalLM" in _name(call):
-            assert keywords.get("use_safetensors") is True
-            assert keywords.get("trust_remote_code") is False
+    # GIVEN the loader: every transformers loader goes through its `_loading` helper
+    calls = _calls(ROOT / "function" / "phi2" / "hf_generator.py")
+    loaders = [c for c in calls if _name(c) == "_loading"]
+    assert {ast.unparse(c.args[2]).split(".")[0] for c in loaders} == {
+        "AutoConfig",
+        "AutoTokenizer",
+        "AutoModelForCausalLM",
+    }
+    assert not [c for c in calls if _name(c).endswith("from_pretrained")]  # nothing bypasses the helper
+    # THEN the helper reads local files only, without remote code...
+    (inner,) = [c for c in calls if _name(c) == "load"]
+    keywords = {k.arg: ast.literal_eval(k.value) for k in inner.keywords if isinstance(k.value, ast.Constant)}
+    assert keywords == {"local_files_only": True, "trust_remote_code": False}
+    # ...and the weights only from safetensors
+    (weights,) = [c for c in loaders if "ForCausalLM" in ast.unparse(c.args[2])]
+    assert {k.arg: ast.unparse(k.value) for k in weights.keywords}["use_safetensors"] == "True"
     # AND nothing in the function can unpickle
     function_code = "\n".join(p.read_text() for p in (ROOT / "function").rglob("*.py"))
     assert not re.search(
