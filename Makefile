@@ -69,3 +69,23 @@ lock: venv
 
 clean:
 	rm -rf $(VENV) $(CACHE) .pytest_cache .ruff_cache .hypothesis
+
+# Container image and deployment checks (see docs/deploy.md).
+IMAGE ?= phi2-lambda:latest
+# e.g. IMAGE_BUILD_ARGS="--build-arg MODEL_ID=smollm2 --build-arg MODEL_DTYPE=auto"
+IMAGE_BUILD_ARGS ?=
+
+.PHONY: image image-test deploy-check
+
+image:
+	DOCKER_BUILDKIT=1 docker build $(IMAGE_BUILD_ARGS) -t $(IMAGE) .
+
+# Builds the real Dockerfile (small model, local base when the pinned one cannot be pulled), runs it
+# offline and with -p $(PORT):8080, then sam build + sam local start-api/invoke. Needs root for dockerd.
+image-test: venv
+	PORT=$(PORT) PY=$(abspath $(PY)) infra/image-test.sh
+
+# Offline checks of template.yaml and the Dockerfile before `sam deploy`.
+deploy-check: venv
+	$(VENV)/bin/cfn-lint template.yaml
+	$(PY) -m pytest tests/infra -m "not e2e" -q

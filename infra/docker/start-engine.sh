@@ -16,6 +16,11 @@ if [[ -n "${DOCKER_STORAGE_DRIVER:-}" ]]; then DRIVERS=("$DOCKER_STORAGE_DRIVER"
 # Images live with the state dir so everything we create is in one place.
 DATA_ROOT="${DOCKER_DATA_ROOT:-$STATE_DIR/data}"
 WAIT_SECS="${DOCKER_START_TIMEOUT:-60}"
+# DOCKER_DEFAULT_BRIDGE=1 keeps dockerd's default `bridge` network (docker0), still without any
+# iptables rule (so without NAT: containers on it have no route out). SAM CLI needs it: it creates
+# its containers on the default network and publishes their port there before joining any other.
+BRIDGE_ARGS=(--bridge=none)
+[[ "${DOCKER_DEFAULT_BRIDGE:-0}" == 1 ]] && BRIDGE_ARGS=()
 
 if docker info >/dev/null 2>&1; then
   if [[ -s "$PID_FILE" ]]; then echo "$PID_FILE"; else echo; fi
@@ -50,13 +55,14 @@ fi
 
 # --bridge=none/--iptables=false/--ip6tables=false: leave the shared host's
 # network alone (no docker0, no NAT rules that outlive dockerd); containers and
-# builds use --network none or --network host. setsid: outlive the caller's
-# process group (a job runner may kill it when this script returns).
+# builds use --network none or --network host (DOCKER_DEFAULT_BRIDGE: see above).
+# setsid: outlive the caller's process group (a job runner may kill it when
+# this script returns).
 for driver in "${DRIVERS[@]}"; do
   setsid dockerd \
     --storage-driver="$driver" \
     --data-root="$DATA_ROOT" \
-    --bridge=none --iptables=false --ip6tables=false \
+    "${BRIDGE_ARGS[@]}" --iptables=false --ip6tables=false \
     --pidfile="$PID_FILE" \
     </dev/null >>"$LOG_FILE" 2>&1 9>&- &
   launched=$!

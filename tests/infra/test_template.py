@@ -1,0 +1,269 @@
+"""template.yaml: cfn-lint and the real SAM translator accept it, and the CloudFormation it becomes deploys
+what the function needs (image, memory, routes, timeouts, environment, permissions, outputs)."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+from deployables import (
+    IMAGE_URI,
+    ROOT,
+    TEMPLATE,
+    evaluate,
+    only,
+    parameter_defaults,
+    parse_dockerfile,
+    resolve,
+    resources_of_type,
+    template_source,
+    translate,
+)
+
+LAMBDA_MAX_MEMORY_MB = 10240
+API_GATEWAY_MAX_INTEGRATION_MS = 29000
+SETTINGS_SOURCE = ROOT / "function" / "phi2" / "settings.py"
+# Read by Powertools itself rather than by settings.py.
+POWERTOOLS_VARIABLES = {"POWERTOOLS_LOG_LEVEL"}
+
+
+@pytest.fixture(scope="module")
+def cfn():
+    return translate()
+
+
+def function_of(template: dict) -> dict:
+    return only(template, "AWS::Lambda::Function")
+
+
+def api_paths(template: dict) -> dict:
+    return only(template, "AWS::ApiGateway::RestApi")["Properties"]["Body"]["paths"]
+
+
+def variables_settings_reads() -> set[str]:
+    """Every environment variable named in settings.py (os.environ.get or the _bool/_float/_int readers)."""
+    return set(re.findall(r'(?:environ\.get|_bool|_float|_int)\(\s*"([A-Z0-9_]+)"', SETTINGS_SOURCE.read_text()))
+
+
+def test_cfn_lint_reports_nothing():
+    # GIVEN the template WHEN cfn-lint (with its SAM transform) checks it
+    from cfnlint.api import lint_file
+
+    matches = lint_file(TEMPLATE)
+    # THEN it reports no error, warning or informational finding
+    assert [str(m) for m in matches] == []
+
+
+@pytest.mark.parametrize("require_api_key", ["true", "false"])
+@pytest.mark.parametrize("provisioned", [0, 2])
+def test_sam_translator_accepts_every_option(require_api_key, provisioned):
+    # GIVEN each combination of the two options that change resources
+    # WHEN the SAM translator transforms the template
+    cfn = translate(RequireApiKey=require_api_key, ProvisionedConcurrency=provisioned)
+    # THEN it yields plain CloudFormation: one function, one REST API, no SAM types left
+    assert not [r for r in cfn["Resources"].values() if r["Type"].startswith("AWS::Serverless::")]
+    function_of(cfn)
+    only(cfn, "AWS::ApiGateway::RestApi")
+
+
+def test_function_is_an_image_with_memory_within_lambda_limit(cfn):
+    function = function_of(cfn)["Properties"]
+    memory = template_source()["Parameters"]["MemorySize"]
+    # THEN the function is a container image
+    assert function["PackageType"] == "Image" and function["Code"] == {"ImageUri": IMAGE_URI}
+    assert "Handler" not in function and "Runtime" not in function
+    # AND its memory is the parameter, 10240 MB by default, never allowed above Lambda's maximum
+    assert function["MemorySize"] == {"Ref": "MemorySize"}
+    assert memory["Default"] == LAMBDA_MAX_MEMORY_MB
+    assert memory["MaxValue"] <= LAMBDA_MAX_MEMORY_MB
+    assert function["Architectures"] == ["x86_64"]
+
+
+def test_image_command_names_the_real_handler_and_matches_the_dockerfile(cfn):
+    # GIVEN the handler the template gives the image (ImageConfig.Command) and the Dockerfile's CMD
+    command = function_of(cfn)["Properties"]["ImageConfig"]["Command"]
+    runtime = parse_dockerfile().stage("runtime")
+    # THEN both name the same handler
+    assert command == runtime.exec_form("CMD")
+    # AND it is a callable in the function's code (renaming the handler breaks this test)
+    module_name, _, function_name = command[0].rpartition(".")
+    module = importlib.import_module(module_name)
+    assert callable(getattr(module, function_name))
+    # AND the entry script's own default is the same handler
+    assert f"HANDLER:-{command[0]}" in (ROOT / "infra" / "entrypoint.sh").read_text()
+
+
+def test_sam_build_metadata_builds_the_projects_dockerfile_with_pinned_phi2():
+    function = next(r for r in template_source()["Resources"].values() if r["Type"] == "AWS::Serverless::Function")
+    metadata = function["Metadata"]
+    dockerfile_args = parse_dockerfile().args()
+    # THEN `sam build` uses this repository's Dockerfile
+    assert (ROOT / metadata["DockerContext"] / metadata["Dockerfile"]).resolve() == (ROOT / "Dockerfile").resolve()
+    assert metadata["DockerTag"]
+    # AND every build arg it passes is one the Dockerfile declares
+    assert set(metadata["DockerBuildArgs"]) <= set(dockerfile_args)
+    # AND it bakes Phi-2 at the revision the preparation script pins
+    import prepare_model
+
+    args = metadata["DockerBuildArgs"]
+    assert args["MODEL_ID"] == "microsoft/phi-2" == dockerfile_args["MODEL_ID"]
+    assert (
+        args["MODEL_REVISION"] == prepare_model.PINNED_REVISIONS["microsoft/phi-2"] == dockerfile_args["MODEL_REVISION"]
+    )
+    assert args["MODEL_DTYPE"] == "bfloat16"
+
+
+def test_rest_api_routes_are_the_handlers_routes_on_the_live_alias(cfn):
+    from phi2 import handler
+
+    paths = api_paths(cfn)
+    # THEN the API serves exactly the routes the handler implements, with the same methods
+    routes = {path: method.upper() for path, methods in paths.items() for method in methods}
+    assert routes == handler.ROUTES
+    for methods in paths.values():
+        for operation in methods.values():
+            integration = operation["x-amazon-apigateway-integration"]
+            # AND each is a Lambda proxy integration on the function's `live` alias
+            assert integration["type"] == "aws_proxy" and integration["httpMethod"] == "POST"
+            assert "${GenerateFunction.Arn}:live/invocations" in integration["uri"]["Fn::Sub"]
+    alias = only(cfn, "AWS::Lambda::Alias")["Properties"]
+    assert alias["Name"] == "live"
+    # AND API Gateway may invoke that alias
+    permission = only(cfn, "AWS::Lambda::Permission")["Properties"]
+    assert permission["Principal"] == "apigateway.amazonaws.com"
+    assert permission["FunctionName"] == {"Ref": next(iter(resources_of_type(cfn, "AWS::Lambda::Alias")))}
+
+
+def test_generation_budget_ends_before_api_gateway_cuts_the_request(cfn):
+    parameters = template_source()["Parameters"]
+    budget = parameters["GenerationBudgetSeconds"]
+    environment = function_of(cfn)["Properties"]["Environment"]["Variables"]
+    # GIVEN every route's integration timeout
+    timeouts = {
+        operation["x-amazon-apigateway-integration"]["timeoutInMillis"]
+        for methods in api_paths(cfn).values()
+        for operation in methods.values()
+    }
+    # THEN it is API Gateway's 29 s maximum
+    assert timeouts == {API_GATEWAY_MAX_INTEGRATION_MS}
+    # AND the generation budget (default and largest allowed) plus the response margin ends before it
+    margin_ms = float(environment["DEADLINE_MARGIN_SECONDS"]) * 1000
+    assert budget["Default"] * 1000 + margin_ms < API_GATEWAY_MAX_INTEGRATION_MS
+    assert budget["MaxValue"] * 1000 + margin_ms < API_GATEWAY_MAX_INTEGRATION_MS
+    # AND the function reads the budget from the parameter
+    assert environment["GENERATION_BUDGET_SECONDS"] == {"Ref": "GenerationBudgetSeconds"}
+    # AND the Lambda timeout never cuts a generation the budget allows
+    assert parameters["Timeout"]["MinValue"] > budget["MaxValue"] + float(environment["DEADLINE_MARGIN_SECONDS"])
+
+
+def test_environment_holds_only_variables_the_code_reads(cfn):
+    environment = function_of(cfn)["Properties"]["Environment"]["Variables"]
+    # THEN every variable is one settings.py (or Powertools) reads: no dead configuration
+    assert set(environment) <= variables_settings_reads() | POWERTOOLS_VARIABLES
+    # AND the model directory is the one the image bakes
+    assert environment["MODEL_DIR"] == parse_dockerfile().stage("runtime").env()["MODEL_DIR"]
+
+
+def test_environment_values_are_accepted_by_the_real_settings(cfn, monkeypatch):
+    from phi2.settings import get_settings
+
+    # GIVEN the function's environment with the parameters' defaults
+    environment = function_of(cfn)["Properties"]["Environment"]["Variables"]
+    for name, value in environment.items():
+        monkeypatch.setenv(name, resolve(value))
+    # WHEN the function reads its settings from it
+    settings = get_settings.__wrapped__()
+    # THEN each value parses to what the template means
+    assert settings.model_dir == Path("/opt/model")
+    assert settings.generation_budget_s == float(parameter_defaults()["GenerationBudgetSeconds"])
+    assert settings.preload is True and settings.log_text is False
+    assert settings.num_threads in (0, None)  # 0: size torch's threads to the vCPUs Lambda gives
+
+
+def test_every_parameter_is_used():
+    source = template_source()
+    text = TEMPLATE.read_text()
+    for name in source["Parameters"]:
+        # THEN each parameter is referenced somewhere besides its declaration
+        assert len(re.findall(rf"\b{name}\b", text)) >= 2, name
+
+
+@pytest.mark.parametrize(("provisioned", "expected"), [(0, None), (3, 3)])
+def test_provisioned_concurrency_only_when_asked(provisioned, expected):
+    cfn = translate(ProvisionedConcurrency=provisioned)
+    alias = only(cfn, "AWS::Lambda::Alias")["Properties"]
+    # WHEN CloudFormation evaluates the alias' provisioned concurrency for this parameter value
+    config = evaluate(alias["ProvisionedConcurrencyConfig"], cfn, {"ProvisionedConcurrency": provisioned})
+    # THEN there is none for 0, and exactly the asked number otherwise
+    if expected is None:
+        assert config is None
+    else:
+        assert resolve(config["ProvisionedConcurrentExecutions"], {"ProvisionedConcurrency": expected}) == str(expected)
+
+
+@pytest.mark.parametrize("require", ["true", "false"])
+def test_api_key_and_usage_plan_only_when_required(require):
+    cfn = translate(RequireApiKey=require)
+    parameters = {"RequireApiKey": require}
+    required = require == "true"
+    # THEN every route requires the key exactly when asked
+    for methods in api_paths(cfn).values():
+        for operation in methods.values():
+            security = evaluate(operation.get("security"), cfn, parameters)
+            assert bool(security) is required
+            if required:
+                assert security == [{"api_key": []}]
+    # AND the key, the usage plan and their link exist only then
+    for kind in ("AWS::ApiGateway::ApiKey", "AWS::ApiGateway::UsagePlan", "AWS::ApiGateway::UsagePlanKey"):
+        (resource,) = resources_of_type(cfn, kind).values()
+        assert evaluate({"Condition": resource["Condition"]}, cfn, parameters) is required
+    body = only(cfn, "AWS::ApiGateway::RestApi")["Properties"]["Body"]
+    assert body["components"]["securitySchemes"]["api_key"] == {"type": "apiKey", "name": "x-api-key", "in": "header"}
+
+
+def test_api_is_throttled_and_traced_and_function_traced(cfn):
+    stage = only(cfn, "AWS::ApiGateway::Stage")["Properties"]
+    # THEN the stage throttles every method and traces with X-Ray
+    (settings,) = stage["MethodSettings"]
+    assert (settings["ResourcePath"], settings["HttpMethod"]) == ("/*", "*")
+    assert settings["ThrottlingRateLimit"] == {"Ref": "ThrottlingRateLimit"}
+    assert settings["ThrottlingBurstLimit"] == {"Ref": "ThrottlingBurstLimit"}
+    assert stage["TracingEnabled"] is True
+    # AND the function traces too
+    assert function_of(cfn)["Properties"]["TracingConfig"] == {"Mode": "Active"}
+
+
+def test_function_logs_json_to_a_log_group_with_retention(cfn):
+    logging = function_of(cfn)["Properties"]["LoggingConfig"]
+    (name, group) = next(iter(resources_of_type(cfn, "AWS::Logs::LogGroup").items()))
+    # THEN the function logs JSON into the stack's own log group, which expires its logs
+    assert logging["LogFormat"] == "JSON" and logging["LogGroup"] == {"Ref": name}
+    assert group["Properties"]["RetentionInDays"] == {"Ref": "LogRetentionDays"}
+    assert template_source()["Parameters"]["LogRetentionDays"]["Default"] == 30
+
+
+def test_role_allows_only_logs_and_tracing(cfn):
+    role = only(cfn, "AWS::IAM::Role")["Properties"]
+    # THEN the execution role has Lambda's basic logging policy and X-Ray writes, nothing else
+    assert sorted(role["ManagedPolicyArns"]) == [
+        "arn:aws:iam::aws:policy/AWSXrayWriteOnlyAccess",
+        "arn:aws:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole",
+    ]
+    assert not role.get("Policies")
+    assert role["AssumeRolePolicyDocument"]["Statement"][0]["Principal"] == {"Service": ["lambda.amazonaws.com"]}
+
+
+def test_outputs_give_the_generate_url_function_arn_and_api_id(cfn):
+    outputs = cfn["Outputs"]
+    stage = only(cfn, "AWS::ApiGateway::Stage")["Properties"]["StageName"]
+    # THEN the outputs a user (and infra/smoke_test.py) needs are there
+    assert {"GenerateUrl", "FunctionArn", "ApiId"} <= set(outputs)
+    url = outputs["GenerateUrl"]["Value"]["Fn::Sub"]
+    assert url.startswith("https://${Api}.execute-api.") and url.endswith(f"/{stage}/generate")
+    assert outputs["HealthUrl"]["Value"]["Fn::Sub"].endswith(f"/{stage}/health")
+    assert outputs["FunctionArn"]["Value"] == {"Fn::GetAtt": ["GenerateFunction", "Arn"]}
+    assert outputs["ApiId"]["Value"] == {"Ref": "Api"}
+    # AND the API key's id only exists when a key does
+    assert outputs["ApiKeyId"]["Condition"] == "ApiKeyRequired"
