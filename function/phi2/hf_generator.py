@@ -26,6 +26,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from . import quantization
 from .errors import ContextLengthExceeded, ModelLoadError
 from .generator import Completion, GenerationParams, GenerationResult, Generator, ModelInfo
 from .model_files import read_manifest, verify
@@ -138,20 +139,30 @@ class TransformersGenerator(Generator):
         started = time.monotonic()
         manifest = read_manifest(model_dir)
         verify(model_dir, manifest, checksums=verify_checksums)
-        dtype_name = manifest.dtype if dtype == "auto" else dtype
+        quantized = manifest.format == quantization.FORMAT
+        # The int8 format fixes its own precisions (int8 weights, fp32 compute): MODEL_DTYPE does not apply.
+        dtype_name = manifest.dtype if dtype == "auto" or quantized else dtype
         if dtype_name not in DTYPES:
             raise ModelLoadError(f"unsupported dtype {dtype_name!r}; use one of {sorted(DTYPES)}")
         threads = configure_threads(num_threads)
         config = _loading("config.json", model_dir, AutoConfig.from_pretrained)
         tokenizer = _loading("the tokenizer", model_dir, AutoTokenizer.from_pretrained)
-        model = _loading(
-            "the weights",
-            model_dir,
-            AutoModelForCausalLM.from_pretrained,
-            config=config,
-            dtype=DTYPES[dtype_name],
-            use_safetensors=True,
-        )
+        if quantized:
+            try:
+                model = quantization.load(model_dir, config)
+            except Exception as exc:  # noqa: BLE001
+                raise ModelLoadError(
+                    f"the int8 weights in {model_dir.name} failed to load: {type(exc).__name__}: {exc}"
+                ) from None
+        else:
+            model = _loading(
+                "the weights",
+                model_dir,
+                AutoModelForCausalLM.from_pretrained,
+                config=config,
+                dtype=DTYPES[dtype_name],
+                use_safetensors=True,
+            )
         model.eval()
         vocab = model.get_input_embeddings().weight.shape[0]
         if len(tokenizer) > vocab:
@@ -162,7 +173,7 @@ class TransformersGenerator(Generator):
         context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
         info = ModelInfo(
             model_id=manifest.model_id,
-            dtype=dtype_name,
+            dtype=f"int8 weights, {dtype_name} compute" if quantized else dtype_name,
             context_length=context,
             load_seconds=0.0,
             manifest=manifest.summary(),

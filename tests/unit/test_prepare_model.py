@@ -54,4 +54,4 @@ def test_hub_models_are_pinned_to_a_commit():
 
 
 def test_phi2_defaults_to_bfloat16_because_fp32_does_not_fit_lambda():
-    assert prepare_model.default_dtype("hub") == "bfloat16"
+    assert prepare_model.default_dtype("microsoft/phi-2", "hub", "safetensors") == "bfloat16"
