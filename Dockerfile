@@ -7,9 +7,10 @@
 # Build args a deployer or a restricted machine may change:
 #   BASE_IMAGE          pinned Python 3.11 slim base (a mirror or a locally made base can stand in)
 #   MODEL_ID / MODEL_REVISION / MODEL_DTYPE / MODEL_FORMAT   what infra/prepare_model.py bakes
-#   PIP_INDEX_URL / PIP_EXTRA_INDEX_URL / PIP_FIND_LINKS      where pip finds packages (CPU torch by default)
-# A TLS-intercepting proxy's CA bundle can be lent to the build as a BuildKit secret (never stored in a layer):
-#   DOCKER_BUILDKIT=1 docker build --secret id=ca,src=/etc/ssl/certs/ca-certificates.crt .
+#   PIP_INDEX_URL / PIP_EXTRA_INDEX_URL / PIP_FIND_LINKS / PIP_TRUSTED_HOST   where pip finds packages
+#                       (default: PyPI, and the PyTorch CPU index for torch)
+# Plain Dockerfile syntax (no BuildKit-only flags): `docker build`, BuildKit or not, and `sam build`
+# (whose default builder is Docker's classic one) all build it. No secret is needed or stored.
 #
 # Layers go from least to most often changed: RIE, dependencies, weights, code. Editing the handler
 # rebuilds only the last small layer; the multi-gigabyte weights layer stays cached (and, in ECR, shared).
@@ -22,10 +23,9 @@ FROM ${BASE_IMAGE} AS rie
 ARG PIP_INDEX_URL=https://pypi.org/simple
 ARG PIP_EXTRA_INDEX_URL=
 ARG PIP_FIND_LINKS=
+ARG PIP_TRUSTED_HOST=
 COPY infra/get-rie.sh infra/requirements-rie.txt /src/
-RUN --mount=type=secret,id=ca \
-    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
-    python3 -m venv /tmp/pip-venv \
+RUN python3 -m venv /tmp/pip-venv \
     && PIP=/tmp/pip-venv/bin/pip PIP_NO_CACHE_DIR=1 /src/get-rie.sh /aws-lambda-rie \
     && rm -rf /tmp/pip-venv
 
@@ -37,13 +37,12 @@ FROM ${BASE_IMAGE} AS deps
 ARG PIP_INDEX_URL=https://pypi.org/simple
 ARG PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG PIP_FIND_LINKS=
+ARG PIP_TRUSTED_HOST=
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 # Lambda's file system is read-only, so bytecode is compiled here rather than on every cold start
 # (torch's internal test helpers include Python 3.12-only syntax: skipped, nothing imports them).
 COPY function/requirements.txt constraints.txt /src/
-RUN --mount=type=secret,id=ca \
-    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
-    python3 -m venv /opt/venv \
+RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --quiet -c /src/constraints.txt -r /src/requirements.txt \
     && /opt/venv/bin/python -c "import torch; assert not torch.version.cuda, 'a CUDA torch was installed'" \
     && /opt/venv/bin/python -m compileall -q -j 0 -x /torch/testing/_internal/ /opt/venv/lib > /dev/null
@@ -55,10 +54,9 @@ FROM deps AS build
 ARG PIP_INDEX_URL=https://pypi.org/simple
 ARG PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG PIP_FIND_LINKS=
+ARG PIP_TRUSTED_HOST=
 COPY infra/requirements-prepare.txt infra/requirements-assets.txt /src/
-RUN --mount=type=secret,id=ca \
-    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
-    /opt/venv/bin/pip install --quiet -c /src/constraints.txt -r /src/requirements-prepare.txt \
+RUN /opt/venv/bin/pip install --quiet -c /src/constraints.txt -r /src/requirements-prepare.txt \
     && /opt/venv/bin/pip install --quiet --no-deps --require-hashes -r /src/requirements-assets.txt
 COPY function/ /src/function/
 COPY infra/prepare_model.py /src/infra/
@@ -70,9 +68,7 @@ ARG MODEL_DTYPE=bfloat16
 # Empty: the script's default serving format. Set it (e.g. int8) once prepare_model.py has --format.
 ARG MODEL_FORMAT=
 # The hub revision applies to hub ids only; the PyPI-shipped models are pinned by their package version.
-RUN --mount=type=secret,id=ca \
-    if [ -s /run/secrets/ca ]; then export REQUESTS_CA_BUNDLE=/run/secrets/ca SSL_CERT_FILE=/run/secrets/ca; fi; \
-    set -- "$MODEL_ID" --dtype "$MODEL_DTYPE" --out /opt/model; \
+RUN set -- "$MODEL_ID" --dtype "$MODEL_DTYPE" --out /opt/model; \
     case "$MODEL_ID" in */*) set -- "$@" --revision "$MODEL_REVISION" ;; esac; \
     if [ -n "$MODEL_FORMAT" ]; then \
         /opt/venv/bin/python /src/infra/prepare_model.py --help | grep -q -- '--format' \
@@ -95,8 +91,8 @@ LABEL org.opencontainers.image.title="phi2-lambda" \
 # (docker run, sam local) the entry point drops root to this user (infra/docker/drop-root.sh: a USER
 # instruction would break `sam local`, whose own layer on top of the image must RUN as root).
 # Every file below is root-owned and world-readable: the code cannot change itself or the weights.
-RUN groupadd --system --gid 1000 lambda \
-    && useradd --system --uid 1000 --gid 1000 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin lambda
+RUN groupadd --gid 1000 lambda \
+    && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin lambda
 ENV PATH=/opt/venv/bin:$PATH \
     LAMBDA_TASK_ROOT=/var/task \
     MODEL_DIR=/opt/model \

