@@ -4,7 +4,8 @@
 #   2. the pinned base image, or a locally made Debian bookworm + Python 3.11 base when it cannot be pulled
 #      (infra/docker/make-base-image.sh);
 #   3. the project's Dockerfile built with that base and a small model (IMAGE_TEST_MODEL: smollm2, which
-#      knows Paris, or tiny-phi) instead of Phi-2, pip pointed where the host's pip looks;
+#      knows Paris, or tiny-phi) instead of Phi-2, from wheels the host's pip downloads (its index, its
+#      CPU torch);
 #   4. the image run with networking disabled, invoked through its own entry script + RIE (docker exec),
 #      then run as `docker run -p 9001:8080` and called with curl from the host;
 #   5. `sam build` + `sam local start-api --port 9001` + the seed's curl, and `sam local invoke -e`.
@@ -22,8 +23,9 @@ SAM_VENV="${SAM_VENV:-$ROOT/.cache/sam-venv}"
 SAM_CLI_VERSION="$(sed -n 's/^aws-sam-cli==\([^ ]*\).*/\1/p' infra/requirements-rie.txt)"
 SAM_TEST="${IMAGE_TEST_SAM:-1}"
 PY="${PY:-$ROOT/.venv/bin/python}"
-# BuildKit (RUN --mount=type=secret) needs a client that speaks it: Debian's docker.io 20.10 does with
-# DOCKER_BUILDKIT=1; a newer CLI may lack the buildx plugin it would then require.
+# The image is built with BuildKit, as `docker build` does by default today: Debian's docker.io 20.10 CLI
+# does with DOCKER_BUILDKIT=1, while a newer CLI without its buildx plugin cannot. (`sam build` below
+# uses Docker's classic builder: the Dockerfile is checked with both.)
 BUILD_CLI="${DOCKER_BUILD_CLI:-}"
 if [[ -z "$BUILD_CLI" ]]; then
   if [[ -x /usr/bin/docker ]]; then BUILD_CLI=/usr/bin/docker; else BUILD_CLI="$(command -v docker)"; fi
@@ -51,7 +53,8 @@ stop_sam() { # Ctrl-C, which SAM CLI handles by removing its warm containers
   SAM_PID=""
 }
 
-# The containers SAM CLI ran from the image it layered on ours (it removes them itself on a clean exit).
+# The containers SAM CLI ran from the image it layered on ours, generatefunction:phi2-v1 (it removes
+# them itself on a clean exit).
 sam_containers() {
   local id
   for id in $(docker ps -aq --filter "ancestor=generatefunction:rapid-x86_64" 2>/dev/null); do

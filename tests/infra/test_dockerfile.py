@@ -65,7 +65,8 @@ def test_model_is_baked_by_the_projects_preparation_script_from_build_args():
     assert "--out /opt/model" in prepare and "--verify" in prepare
     args = dockerfile.args()
     assert args["MODEL_ID"] == "microsoft/phi-2" and args["MODEL_DTYPE"] == "bfloat16"
-    assert "MODEL_FORMAT" in args
+    # AND the serving format reaches the script when asked for (it checks the script supports --format)
+    assert "MODEL_FORMAT" in args and '--format "$MODEL_FORMAT"' in prepare
     # AND the weights live outside /tmp, where the function reads them
     assert dockerfile.stage("runtime").env()["MODEL_DIR"] == "/opt/model"
 
