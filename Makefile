@@ -91,3 +91,14 @@ image-test: venv
 deploy-check: venv
 	$(VENV)/bin/cfn-lint template.yaml
 	$(PY) -m pytest tests/infra -m "not e2e" -q
+
+# Benchmark (see docs/performance.md): full-size Phi-2 architecture, random weights, every format vs the
+# seed's fp32 path, each variant in a fresh process, interleaved; QUICK=1 runs the same code on tiny-phi.
+ROUNDS ?= 3
+QUICK ?=
+BENCH_ARGS ?=
+
+.PHONY: bench
+
+bench: venv
+	$(PY) infra/bench/bench.py --rounds $(ROUNDS) $(if $(QUICK),--quick) $(BENCH_ARGS)

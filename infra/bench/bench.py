@@ -1,0 +1,619 @@
+#!/usr/bin/env python3
+"""Benchmark the served model formats against the seed's fp32 code path, and gate their quality.
+
+    bench.py                      full-size Phi-2 architecture, random weights (make bench)
+    bench.py --quick              the tiny Phi-2, same code, in seconds (make bench QUICK=1)
+    bench.py --rounds 2 --timeout 3600
+
+Every model is prepared once, through infra/prepare_model.py, into --cache-dir (default .bench/models).
+Every variant runs in a fresh process (so cold start and peak RSS are its own), one at a time, with
+the variants interleaved over --rounds rounds: drift on a shared machine then spreads over all of them
+instead of favouring whichever ran first. The report holds the per-run numbers, their medians and the
+ratios of the medians; the markdown table goes to stdout and the report's path is printed last.
+
+What a run measures, in one fresh process per variant:
+  cold start   spawn -> first token of a 32-token prompt (python start, imports, load, the function's
+               init-time warm-up when it serves, first request)
+  TTFT 32/512  a warm request of 32/512 prompt tokens until its first new token (tokenization included)
+  decode       tokens/s over 64 new greedy tokens after the first one, 32-token prompt
+  peak RSS     VmHWM of the process at the end
+The seed variant reproduces the seed: fp32 `AutoModelForCausalLM.from_pretrained` and plain `generate`
+(a no-op stopping criterion only reads the clock; `min_new_tokens` forces 64 tokens). The served
+variants go through the function's own loader and `TransformersGenerator.generate`, timed by the
+generator's own monitor (`time_to_first_token_s`, `tokens_per_second`). That API cannot force a length:
+a row that emits end-of-text early is reported with its real `new_tokens` (with random weights greedy
+decoding practically never does).
+
+The quality gate compares each served format of SmolLM2-135M with its fp32 preparation: greedy
+agreement teacher-forced over prompts.json (the reference's greedy continuation is fed to both models
+and their argmax compared at every position, so one early difference does not compound), and the
+perplexity ratio on quality_text.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+PREPARE = ROOT / "infra" / "prepare_model.py"
+QUALITY_TEXT = HERE / "quality_text.txt"
+PROMPTS = HERE / "prompts.json"
+GIB = 2**30
+
+PROMPT_LENGTHS = (32, 512)
+DECODE_TOKENS = 64
+QUALITY_CONTINUATION = 32
+TARGETS = {
+    # From issue 4: ratios on this machine, in one run.
+    "decode_speedup_vs_seed": (">=", 3.5),
+    "ttft_fraction_of_seed": ("<=", 0.4),
+    "cold_start_fraction_of_seed": ("<=", 0.35),
+    "serving_peak_rss_gib": ("<=", 3.5),
+    "greedy_agreement": (">=", 0.90),
+    "perplexity_ratio": ("<=", 1.03),
+}
+
+
+@dataclass(frozen=True)
+class Format:
+    """A way infra/prepare_model.py can write a model; `needs` is text its --help must contain."""
+
+    name: str
+    prepare_args: tuple[str, ...]
+    needs: str | None = None
+
+
+# Adding a format is one line here (and, if it should serve, one entry in SERVING_PREFERENCE).
+FORMATS = {
+    "fp32": Format("fp32", ("--dtype", "float32")),
+    "bf16": Format("bf16", ("--dtype", "bfloat16")),
+    "int8": Format("int8", ("--format", "int8"), needs="int8"),
+}
+# The first available one is "serving" in the report: the format the image is meant to serve.
+SERVING_PREFERENCE = ("int8", "bf16")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    format: str
+    path: str  # "seed" (the seed's code) or "served" (the function's loader and generator)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Worker: one fresh process per run. Imports torch and transformers only here, so the parent stays light.
+
+
+def _vm_hwm_gib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / GIB
+    import resource  # pragma: no cover - not Linux
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+
+
+def _prompt_of(tokenizer, length: int) -> str:
+    """The first `length` tokens of the fixed text, as text (what a client would send)."""
+    ids = tokenizer(QUALITY_TEXT.read_text(), add_special_tokens=False)["input_ids"]
+    if len(ids) < length:
+        raise SystemExit(f"{QUALITY_TEXT.name} has only {len(ids)} tokens, fewer than {length}")
+    return tokenizer.decode(ids[:length])
+
+
+def _seed_run(model_dir: Path, spawned_at: float) -> dict:
+    imported = time.monotonic()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria
+
+    import_s = time.monotonic() - imported
+
+    class Clock(StoppingCriteria):
+        """Reads the clock after every new token and never stops anything."""
+
+        def __init__(self):
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.times.append(time.monotonic())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    def request(prompt: str, new_tokens: int) -> tuple[float, float, int]:
+        """(seconds to the first token, decode tokens/s, tokens generated), as the seed generates."""
+        clock = Clock()
+        start = time.monotonic()
+        inputs = tokenizer(prompt, return_tensors="pt")
+        output = model.generate(
+            **inputs,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+            stopping_criteria=[clock],
+        )
+        steps = len(clock.times)
+        decode_s = clock.times[-1] - clock.times[0]
+        tps = (steps - 1) / decode_s if steps > 1 and decode_s > 0 else 0.0
+        return clock.times[0] - start, tps, output.shape[1] - inputs["input_ids"].shape[1]
+
+    loading = time.monotonic()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    load_s = time.monotonic() - loading
+    prompts = {n: _prompt_of(tokenizer, n) for n in PROMPT_LENGTHS}
+    request(prompts[32], 1)
+    cold_start_s = time.time() - spawned_at
+    result = {"import_s": import_s, "load_s": load_s, "cold_start_s": cold_start_s}
+    for n in PROMPT_LENGTHS:
+        result[f"ttft_{n}_s"], _, _ = request(prompts[n], 1)
+    _, result["decode_tokens_per_s"], result["new_tokens"] = request(prompts[32], DECODE_TOKENS)
+    result["prompt_tokens"] = {n: len(tokenizer(prompts[n])["input_ids"]) for n in PROMPT_LENGTHS}
+    result["threads"] = torch.get_num_threads()
+    result["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    return result
+
+
+def _served_run(model_dir: Path, spawned_at: float) -> dict:
+    sys.path.insert(0, str(ROOT / "function"))
+    imported = time.monotonic()
+    import torch
+
+    from phi2.generator import GenerationParams
+    from phi2.hf_generator import TransformersGenerator
+    from phi2.settings import get_settings
+
+    import_s = time.monotonic() - imported
+
+    def request(prompt: str, new_tokens: int):
+        params = GenerationParams(max_new_tokens=new_tokens, do_sample=False, return_full_text=False)
+        return generator.generate([prompt], params, time.monotonic() + 24 * 3600)
+
+    loading = time.monotonic()
+    # As the function loads at init: its default warm-up setting, threads sized to the vCPUs.
+    generator = TransformersGenerator.load(model_dir, warmup=get_settings().warmup)
+    load_s = time.monotonic() - loading
+    prompts = {n: _prompt_of(generator.tokenizer, n) for n in PROMPT_LENGTHS}
+    request(prompts[32], 1)
+    cold_start_s = time.time() - spawned_at
+    result = {"import_s": import_s, "load_s": load_s, "cold_start_s": cold_start_s}
+    for n in PROMPT_LENGTHS:
+        result[f"ttft_{n}_s"] = request(prompts[n], 1).time_to_first_token_s
+    decoded = request(prompts[32], DECODE_TOKENS)
+    result["decode_tokens_per_s"] = decoded.tokens_per_second
+    result["new_tokens"] = decoded.completions[0].generated_tokens
+    result["prompt_tokens"] = {n: generator.count_tokens(prompts[n]) for n in PROMPT_LENGTHS}
+    result["threads"] = torch.get_num_threads()
+    result["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    result["manifest_format"] = generator.info.manifest.get("format")
+    return result
+
+
+def _quality(reference_dir: Path, candidate_dirs: dict[str, Path]) -> dict:
+    """Teacher-forced greedy agreement and perplexity ratio of each candidate against the reference."""
+    sys.path.insert(0, str(ROOT / "function"))
+    import torch
+
+    from phi2.hf_generator import TransformersGenerator
+
+    prompts = json.loads(PROMPTS.read_text())["quality"]
+    text = QUALITY_TEXT.read_text()
+
+    def load(directory: Path):
+        return TransformersGenerator.load(directory, warmup=False)
+
+    def argmax_and_ppl(model, sequences: list[tuple[torch.Tensor, int]], text_ids: torch.Tensor):
+        with torch.inference_mode():
+            predictions = [
+                model(ids.unsqueeze(0)).logits[0, start - 1 : -1].float().argmax(-1) for ids, start in sequences
+            ]
+            loss = model(text_ids.unsqueeze(0), labels=text_ids.unsqueeze(0)).loss.float()
+        return predictions, float(torch.exp(loss))
+
+    reference = load(reference_dir)
+    tokenizer = reference.tokenizer
+    sequences = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+            out = reference.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=QUALITY_CONTINUATION,
+                min_new_tokens=QUALITY_CONTINUATION,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            sequences.append((out[0], ids.shape[1]))
+    text_ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
+    ref_predictions, ref_ppl = argmax_and_ppl(reference.model, sequences, text_ids)
+    reference_id = reference.info.model_id
+    del reference
+
+    results = {}
+    for name, directory in candidate_dirs.items():
+        candidate = load(directory)
+        predictions, ppl = argmax_and_ppl(candidate.model, sequences, text_ids)
+        agree = sum(int((p == r).sum()) for p, r in zip(predictions, ref_predictions, strict=True))
+        total = sum(r.numel() for r in ref_predictions)
+        results[name] = {
+            "greedy_agreement": agree / total,
+            "compared_tokens": total,
+            "perplexity": ppl,
+            "reference_perplexity": ref_ppl,
+            "perplexity_ratio": ppl / ref_ppl,
+            "manifest_format": candidate.info.manifest.get("format"),
+        }
+        del candidate
+    return {
+        "model_id": reference_id,
+        "prompts": len(prompts),
+        "continuation_tokens": QUALITY_CONTINUATION,
+        "text_tokens": int(text_ids.numel()),
+        "by_format": results,
+    }
+
+
+def worker_main(args: argparse.Namespace) -> int:
+    if args.worker == "quality":
+        candidates = dict(item.split("=", 1) for item in args.candidate)
+        result = _quality(Path(args.model_dir), {k: Path(v) for k, v in candidates.items()})
+    else:
+        run = _seed_run if args.worker == "seed" else _served_run
+        result = run(Path(args.model_dir), args.spawned_at)
+        result["peak_rss_gib"] = _vm_hwm_gib()
+        result["onednn_max_cpu_isa"] = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    Path(args.result).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parent: prepare, run the variants interleaved, summarise. Never imports torch.
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def prepare_help() -> str:
+    return subprocess.run(
+        [sys.executable, str(PREPARE), "--help"], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout
+
+
+def available_formats() -> dict[str, Format]:
+    help_text = prepare_help()
+    return {name: f for name, f in FORMATS.items() if f.needs is None or f.needs in help_text}
+
+
+def prepare(model: str, fmt: Format, cache: Path) -> Path:
+    out = cache / f"{model}-{fmt.name}"
+    log(f"preparing {model} as {fmt.name} in {out} (cached)")
+    command = [sys.executable, str(PREPARE), model, *fmt.prepare_args, "--out", str(out)]
+    # Progress goes to stderr (fd 2): stdout is the table and, last, the report's path.
+    subprocess.run(command, check=True, cwd=ROOT, stdout=2)
+    return out
+
+
+def run_worker(kind: str, model_dir: Path, env: dict[str, str], timeout: float, extra: list[str]) -> dict:
+    """Run one fresh worker process; {'error': ...} instead of numbers if it fails or times out."""
+    result = model_dir.parent / f".result-{os.getpid()}.json"
+    result.unlink(missing_ok=True)
+    spawned_at = time.time()
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        kind,
+        "--model-dir",
+        str(model_dir),
+        "--spawned-at",
+        repr(spawned_at),
+        "--result",
+        str(result),
+        *extra,
+    ]
+    # Its own session, so a timeout can end the worker and anything it started, and nothing else.
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=2, start_new_session=True)
+    try:
+        code = process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if code != 0 or not result.is_file():
+        return {"error": f"worker exited with status {code}"}
+    data = json.loads(result.read_text())
+    result.unlink()
+    return data
+
+
+METRICS = ("cold_start_s", "ttft_32_s", "ttft_512_s", "decode_tokens_per_s", "peak_rss_gib", "load_s", "import_s")
+
+
+def medians(runs: list[dict]) -> dict:
+    ok = [r for r in runs if "error" not in r]
+    summary: dict[str, object] = {"runs_ok": len(ok), "runs_failed": len(runs) - len(ok)}
+    if ok:
+        summary.update({m: statistics.median(r[m] for r in ok) for m in METRICS})
+        summary["new_tokens"] = min(r["new_tokens"] for r in ok)
+    return summary
+
+
+def ratios_against(seed: dict, other: dict) -> dict:
+    """Speed-ups (> 1 is faster than the seed) and fractions (< 1 is less than the seed), from medians."""
+    if "decode_tokens_per_s" not in seed or "decode_tokens_per_s" not in other:
+        return {}
+    return {
+        "decode_speedup_vs_seed": other["decode_tokens_per_s"] / seed["decode_tokens_per_s"],
+        "ttft_speedup_vs_seed": seed["ttft_32_s"] / other["ttft_32_s"],
+        "ttft_512_speedup_vs_seed": seed["ttft_512_s"] / other["ttft_512_s"],
+        "cold_start_speedup_vs_seed": seed["cold_start_s"] / other["cold_start_s"],
+        "ttft_fraction_of_seed": other["ttft_32_s"] / seed["ttft_32_s"],
+        "ttft_512_fraction_of_seed": other["ttft_512_s"] / seed["ttft_512_s"],
+        "cold_start_fraction_of_seed": other["cold_start_s"] / seed["cold_start_s"],
+        "peak_rss_fraction_of_seed": other["peak_rss_gib"] / seed["peak_rss_gib"],
+    }
+
+
+def check_targets(ratios: dict, serving: dict, quality: dict) -> dict:
+    values = {
+        "decode_speedup_vs_seed": ratios.get("decode_speedup_vs_seed"),
+        "ttft_fraction_of_seed": ratios.get("ttft_fraction_of_seed"),
+        "cold_start_fraction_of_seed": ratios.get("cold_start_fraction_of_seed"),
+        "serving_peak_rss_gib": serving.get("peak_rss_gib"),
+        "greedy_agreement": quality.get("greedy_agreement"),
+        "perplexity_ratio": quality.get("perplexity_ratio"),
+    }
+    out = {}
+    for name, (op, target) in TARGETS.items():
+        value = values[name]
+        met = None if value is None else (value >= target if op == ">=" else value <= target)
+        out[name] = {"value": value, "target": f"{op} {target}", "met": met}
+    return out
+
+
+def markdown_table(report: dict) -> str:
+    rows = [
+        "| variant | format | code path | cold start s | TTFT 32 tok s | TTFT 512 tok s | decode tok/s | peak RSS GiB "
+        "| decode × seed | TTFT 32 × seed | cold start × seed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def f(value, digits=2):
+        return "–" if value is None else f"{value:.{digits}f}"
+
+    for name, variant in report["variants"].items():
+        m = variant["median"]
+        r = report["ratios_by_variant"].get(name, {})
+        if not m["runs_ok"]:
+            rows.append(f"| {name} | {variant['format']} | {variant['path']} | failed: {variant['runs'][0]['error']} |")
+            continue
+        rows.append(
+            f"| {name} | {variant['format']} | {variant['path']} | {f(m['cold_start_s'], 1)} | {f(m['ttft_32_s'])} "
+            f"| {f(m['ttft_512_s'])} | {f(m['decode_tokens_per_s'])} | {f(m['peak_rss_gib'])} "
+            f"| {f(r.get('decode_speedup_vs_seed'))} | {f(r.get('ttft_fraction_of_seed'))} "
+            f"| {f(r.get('cold_start_fraction_of_seed'))} |"
+        )
+    q = report["quality"]
+    heading = (
+        f"{report['model']}, medians of {report['rounds_done']} interleaved round(s), one fresh process per run; "
+        f"× seed columns: decode speed-up, TTFT and cold start as fractions of the seed's."
+    )
+    lines = [heading, "", "\n".join(rows), ""]
+    if "error" in report["quality_details"]:
+        lines.append(f"Quality gate failed to run: {report['quality_details']['error']}")
+    if q:
+        lines.append(f"Quality ({report['quality_details'].get('model_id')}, vs its fp32, teacher-forced):")
+        for name, qf in report["quality_details"].get("by_format", {}).items():
+            lines.append(
+                f"- {name}: greedy agreement {qf['greedy_agreement']:.4f} over {qf['compared_tokens']} tokens, "
+                f"perplexity ratio {qf['perplexity_ratio']:.4f} "
+                f"({qf['perplexity']:.3f} vs {qf['reference_perplexity']:.3f})"
+            )
+    lines.append("")
+    lines.append("Targets (issue 4):")
+    for name, t in report["targets"].items():
+        value = "–" if t["value"] is None else f"{t['value']:.3f}"
+        verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
+        lines.append(f"- {name}: {value} (target {t['target']}): {verdict}")
+    return "\n".join(lines)
+
+
+def draw_chart(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on build machines
+    import matplotlib.pyplot as plt
+
+    names = [n for n, v in report["variants"].items() if v["median"]["runs_ok"]]
+    panels = [
+        ("decode_tokens_per_s", "decode tokens/s (higher is better)"),
+        ("ttft_32_s", "TTFT, 32-token prompt, s"),
+        ("ttft_512_s", "TTFT, 512-token prompt, s"),
+        ("cold_start_s", "cold start, s"),
+        ("peak_rss_gib", "peak RSS, GiB"),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))
+    for ax, (metric, title) in zip(axes, panels, strict=True):
+        values = [report["variants"][n]["median"][metric] for n in names]
+        bars = ax.bar(names, values, color=["#888888" if n == "seed" else "#3a7dc9" for n in names])
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
+    fig.suptitle(
+        f"{report['model']}: medians of {report['rounds_done']} interleaved rounds ({report['machine']['cpu']})"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine() -> dict:
+    cpu, flags = platform.processor() or "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "vcpus": len(os.sched_getaffinity(0)),
+        "avx2": "avx2" in flags,
+        "avx512f": "avx512f" in flags,
+        "amx": any(f.startswith("amx") for f in flags),
+        "mem_total_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the tiny Phi-2 instead of the full-size architecture")
+    parser.add_argument("--model", help="prepare_model.py MODEL to benchmark (default random-phi2, quick tiny-phi)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are over these")
+    parser.add_argument("--timeout", type=float, help="seconds per worker process (default 3600, quick 300)")
+    parser.add_argument("--cache-dir", type=Path, default=ROOT / ".bench" / "models", help="prepared models")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / ".bench" / "reports", help="reports go here")
+    parser.add_argument("--formats", help="comma-separated served formats (default: all available)")
+    parser.add_argument("--no-quality", action="store_true", help="skip the SmolLM2 quality gate")
+    parser.add_argument("--no-avx2", action="store_true", help="skip the ONEDNN_MAX_CPU_ISA=AVX2 variant")
+    # Worker mode (internal): one measurement in this fresh process.
+    parser.add_argument("--worker", choices=["seed", "served", "quality"], help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--spawned-at", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--candidate", action="append", default=[], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker_main(args)
+
+    model = args.model or ("tiny-phi" if args.quick else "random-phi2")
+    timeout = args.timeout or (300.0 if args.quick else 3600.0)
+    formats = available_formats()
+    served = [f for f in (args.formats.split(",") if args.formats else formats) if f != "fp32"]
+    missing = [f for f in served if f not in formats]
+    not_run = [f"format {f}: infra/prepare_model.py does not offer it yet" for f in missing]
+    served = [f for f in served if f in formats]
+    serving = next((f for f in SERVING_PREFERENCE if f in served), served[0] if served else None)
+    if serving is None:
+        raise SystemExit("no served format to benchmark")
+    if "int8" not in formats:
+        not_run.append("int8: prepare_model.py has no --format int8 yet; bf16 stands in as the serving format")
+
+    variants = [Variant("seed", "fp32", "seed")] + [Variant(f, f, "served") for f in served]
+    if not args.no_avx2:
+        variants.append(Variant(f"{serving}+avx2", serving, "served", {"ONEDNN_MAX_CPU_ISA": "AVX2"}))
+    dirs = {f: prepare(model, FORMATS[f], args.cache_dir) for f in {v.format for v in variants}}
+
+    quality_details: dict = {}
+    if not args.no_quality:
+        # First, so that every partial report below already carries it (it takes about a minute).
+        reference = prepare("smollm2", FORMATS["fp32"], args.cache_dir)
+        candidates = [f"{f}={prepare('smollm2', FORMATS[f], args.cache_dir)}" for f in served]
+        extra = [arg for c in candidates for arg in ("--candidate", c)]
+        log("quality gate: SmolLM2-135M, served formats vs fp32")
+        quality_details = run_worker("quality", reference, {}, timeout, extra)
+    else:
+        not_run.append("quality gate (--no-quality)")
+
+    started = datetime.now(UTC)
+    out = args.out_dir / started.strftime("%Y%m%dT%H%M%SZ")
+    out.mkdir(parents=True, exist_ok=True)
+    context = {
+        "created": started.isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, "infra/bench/bench.py", *(argv or sys.argv[1:])]),
+        "mode": "quick" if args.quick else "full",
+        "model": model,
+        "rounds": args.rounds,
+        "machine": machine(),
+        "workload": {"prompt_tokens": list(PROMPT_LENGTHS), "decode_new_tokens": DECODE_TOKENS, "greedy": True},
+        "serving_format": serving,
+    }
+    runs: dict[str, list[dict]] = {v.name: [] for v in variants}
+    for round_no in range(args.rounds):
+        # Rotate the order every round so no variant always runs first (cold page cache) or last.
+        order = variants[round_no % len(variants) :] + variants[: round_no % len(variants)]
+        for v in order:
+            log(f"round {round_no + 1}/{args.rounds}: {v.name}")
+            outcome = run_worker(v.path, dirs[v.format], v.env, timeout, [])
+            outcome["round"] = round_no + 1
+            runs[v.name].append(outcome)
+            log(f"  {v.name}: {json.dumps({k: outcome.get(k) for k in (*METRICS, 'new_tokens', 'error')})}")
+        # After every round: a long run stopped early still leaves the medians of the rounds it finished.
+        report = build_report(context, variants, dirs, runs, quality_details, not_run, round_no + 1)
+        path, table = write_report(report, out)
+        log(f"rounds done: {round_no + 1}/{args.rounds}; report so far: {path}")
+
+    print(table)
+    for item in not_run:
+        print(f"not run: {item}")
+    print(path)
+    return 0
+
+
+def build_report(context, variants, dirs, runs, quality_details, not_run, rounds_done) -> dict:
+    serving = context["serving_format"]
+    quality = dict(quality_details.get("by_format", {}).get(serving, {}))
+    if quality:
+        quality["format"] = serving
+    variant_reports = {
+        v.name: {
+            "format": v.format,
+            "path": v.path,
+            "env": v.env,
+            "model_dir": str(dirs[v.format]),
+            "median": medians(runs[v.name]),
+            "runs": runs[v.name],
+        }
+        for v in variants
+    }
+    seed = variant_reports["seed"]["median"]
+    by_variant = {n: ratios_against(seed, r["median"]) for n, r in variant_reports.items()}
+    serving_summary = {**variant_reports[serving]["median"], "format": serving}
+    report = {
+        **context,
+        "rounds_done": rounds_done,
+        "seed": seed,
+        "serving": serving_summary,
+        "ratios": by_variant[serving],
+        "ratios_by_variant": by_variant,
+        "quality": quality,
+        "quality_details": quality_details,
+        "variants": variant_reports,
+        "not_run": not_run,
+    }
+    report["targets"] = check_targets(report["ratios"], serving_summary, quality)
+    return report
+
+
+def write_report(report: dict, out: Path) -> tuple[Path, str]:
+    """report.json, table.md and chart.png in `out`; returns the report's path and the table."""
+    table = markdown_table(report)
+    (out / "table.md").write_text(table + "\n")
+    try:
+        draw_chart(report, out / "chart.png")
+        report["chart"] = str(out / "chart.png")
+    except Exception as exc:  # noqa: BLE001 - a missing chart must not lose the measurements
+        log(f"chart not drawn: {type(exc).__name__}: {exc}")
+    path = out / "report.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path, table
+
+
+if __name__ == "__main__":
+    sys.exit(main())
