@@ -72,6 +72,9 @@ cleanup() {
   [[ -n "$NETWORK" ]] && docker network rm "$NETWORK" >/dev/null 2>&1
   [[ -n "$HTTP_PID" ]] && kill "$HTTP_PID" 2>/dev/null
   if [[ -n "$ENGINE_PID_FILE" ]]; then
+    # Our engine's data root is the next run's cache: keep it bounded (superseded images, old build cache).
+    docker image prune -f >/dev/null 2>&1
+    docker builder prune -f --keep-storage "${IMAGE_TEST_KEEP_CACHE:-6g}" >/dev/null 2>&1
     log "stopping the Docker engine this run started"
     infra/docker/stop-engine.sh >&2
     # dockerd leaves its docker0 interface behind: remove it when this run made it.
@@ -136,7 +139,13 @@ log "downloading wheels with the host's pip into $WHEELS"
 # Builds reach the wheelhouse on the default bridge's gateway (the host, no NAT involved); an engine
 # without that bridge gets --network host and the loopback address.
 if [[ "$HAVE_BRIDGE" == 1 ]]; then
-  WHEELS_HOST="$(docker network inspect bridge -f '{{(index .IPAM.Config 0).Gateway}}')"
+  # A fresh engine may leave the gateway out of the network's IPAM config: then ask its interface.
+  WHEELS_HOST="$(docker network inspect bridge -f '{{range .IPAM.Config}}{{.Gateway}}{{end}}')"
+  if [[ -z "$WHEELS_HOST" ]]; then
+    bridge_if="$(docker network inspect bridge -f '{{index .Options "com.docker.network.bridge.name"}}')"
+    WHEELS_HOST="$(ip -4 -o addr show "${bridge_if:-docker0}" | awk '{ split($4, a, "/"); print a[1]; exit }')"
+  fi
+  [[ -n "$WHEELS_HOST" ]] || fail "cannot find the address of the default bridge's gateway"
   BUILD_NETWORK=()
 else
   WHEELS_HOST=127.0.0.1
