@@ -80,7 +80,7 @@ IMAGE_BUILD_ARGS ?=
 .PHONY: image image-test deploy-check
 
 image:
-	DOCKER_BUILDKIT=1 docker build $(IMAGE_BUILD_ARGS) -t $(IMAGE) .
+	docker build $(IMAGE_BUILD_ARGS) -t $(IMAGE) .
 
 # Builds the real Dockerfile (small model, local base when the pinned one cannot be pulled), runs it
 # offline and with -p $(PORT):8080, then sam build + sam local start-api/invoke. Needs root for dockerd.
