@@ -64,9 +64,12 @@ def test_model_is_baked_by_the_projects_preparation_script_from_build_args():
     )
     assert "--out /opt/model" in prepare and "--verify" in prepare
     args = dockerfile.args()
-    assert args["MODEL_ID"] == "microsoft/phi-2" and args["MODEL_DTYPE"] == "bfloat16"
-    # AND the serving format reaches the script when asked for (it checks the script supports --format)
-    assert "MODEL_FORMAT" in args and '--format "$MODEL_FORMAT"' in prepare
+    assert args["MODEL_ID"] == "microsoft/phi-2" and args["MODEL_DTYPE"] == "auto"
+    # AND the serving format is the int8 one by default (the fastest that passed the quality gate)
+    assert args["MODEL_FORMAT"] == "int8" and '--format "$MODEL_FORMAT"' in prepare
+    import prepare_model
+
+    assert args["MODEL_FORMAT"] in prepare_model.FORMATS
     # AND the weights live outside /tmp, where the function reads them
     assert dockerfile.stage("runtime").env()["MODEL_DIR"] == "/opt/model"
 

@@ -112,7 +112,14 @@ def test_sam_build_metadata_builds_the_projects_dockerfile_with_pinned_phi2():
     assert (
         args["MODEL_REVISION"] == prepare_model.PINNED_REVISIONS["microsoft/phi-2"] == dockerfile_args["MODEL_REVISION"]
     )
-    assert args["MODEL_DTYPE"] == "bfloat16"
+    assert (
+        (args["MODEL_FORMAT"], args["MODEL_DTYPE"])
+        == ("int8", "auto")
+        == (
+            dockerfile_args["MODEL_FORMAT"],
+            dockerfile_args["MODEL_DTYPE"],
+        )
+    )
 
 
 def test_rest_api_routes_are_the_handlers_routes_on_the_live_alias(cfn):
