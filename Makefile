@@ -26,6 +26,9 @@ help:
 	@echo "make serve    serve the function under the Lambda RIE on 127.0.0.1:$(PORT) (MODEL_ID=$(MODEL_ID))"
 	@echo "make test     run the whole test suite offline"
 	@echo "make lint     ruff"
+	@echo "make bench    benchmark every serving format against the seed (QUICK=1: tiny model, seconds)"
+	@echo "make image    build the container image; make image-test builds and runs it (Docker, sam local)"
+	@echo "make deploy-check   cfn-lint, the SAM translator and the template/Dockerfile tests"
 	@echo "make lock     re-pin constraints.txt from the current virtualenv"
 
 $(VENV)/.installed: $(REQUIREMENTS)
@@ -72,7 +75,7 @@ lock: venv
 clean:
 	rm -rf $(VENV) $(CACHE) .pytest_cache .ruff_cache .hypothesis
 
-# Container image and deployment checks (see docs/deploy.md).
+# Container image and deployment checks (README: Deploying to AWS).
 IMAGE ?= phi2-lambda:latest
 # e.g. IMAGE_BUILD_ARGS="--build-arg MODEL_ID=smollm2 --build-arg MODEL_DTYPE=auto"
 IMAGE_BUILD_ARGS ?=
@@ -92,7 +95,7 @@ deploy-check: venv
 	$(VENV)/bin/cfn-lint template.yaml
 	$(PY) -m pytest tests/infra -m "not e2e" -q
 
-# Benchmark (see docs/performance.md): full-size Phi-2 architecture, random weights, every format vs the
+# Benchmark (README: Performance): full-size Phi-2 architecture, random weights, every format vs the
 # seed's fp32 path, each variant in a fresh process, interleaved; QUICK=1 runs the same code on tiny-phi.
 ROUNDS ?= 3
 QUICK ?=
