@@ -17,6 +17,9 @@ MAX_STOP_CHARS = 64
 MIN_TEMPERATURE = 0.01
 
 Prompt = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS)]
+# The generation defaults live once, in GenerationParams; the schema publishes them.
+_DEFAULT = GenerationParams()
+
 StopSequence = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
@@ -33,19 +36,27 @@ class GenerateRequest(BaseModel):
         max_length=MAX_PROMPTS,
         description=f"Up to {MAX_PROMPTS} prompts, generated together as one left-padded batch.",
     )
-    max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS, description="Upper bound on generated tokens.")
-    do_sample: bool = Field(True, description="Sample (true, as the seed did) or decode greedily (false).")
+    max_new_tokens: int = Field(
+        _DEFAULT.max_new_tokens, ge=1, le=MAX_NEW_TOKENS, description="Upper bound on generated tokens."
+    )
+    do_sample: bool = Field(
+        _DEFAULT.do_sample, description="Sample (true, as the seed did) or decode greedily (false)."
+    )
     temperature: float = Field(
-        0.7,
+        _DEFAULT.temperature,
         ge=MIN_TEMPERATURE,
         le=5.0,
         allow_inf_nan=False,
         description="Softmax temperature when sampling. For greedy decoding send `do_sample: false`.",
     )
-    top_p: float = Field(0.95, gt=0.0, le=1.0, allow_inf_nan=False, description="Nucleus sampling mass.")
-    top_k: int = Field(50, ge=0, le=1000, description="Sample among the k most likely tokens; 0 disables.")
+    top_p: float = Field(_DEFAULT.top_p, gt=0.0, le=1.0, allow_inf_nan=False, description="Nucleus sampling mass.")
+    top_k: int = Field(_DEFAULT.top_k, ge=0, le=1000, description="Sample among the k most likely tokens; 0 disables.")
     repetition_penalty: float = Field(
-        1.0, ge=0.5, le=2.0, allow_inf_nan=False, description="Above 1 discourages repeating tokens."
+        _DEFAULT.repetition_penalty,
+        ge=0.5,
+        le=2.0,
+        allow_inf_nan=False,
+        description="Above 1 discourages repeating tokens.",
     )
     seed: int | None = Field(
         None, ge=0, lt=2**32, description="Random seed; the same seed and request give the same text."
@@ -55,7 +66,9 @@ class GenerateRequest(BaseModel):
         max_length=MAX_STOP_SEQUENCES,
         description="Generation ends at the first of these strings, which is not included in the text.",
     )
-    return_full_text: bool = Field(True, description="Prefix the prompt to the generated text, as the seed did.")
+    return_full_text: bool = Field(
+        _DEFAULT.return_full_text, description="Prefix the prompt to the generated text, as the seed did."
+    )
 
     @model_validator(mode="after")
     def _one_prompt_field(self) -> GenerateRequest:
