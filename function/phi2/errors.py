@@ -15,6 +15,7 @@ class ApiError(Exception):
         super().__init__(message)
         self.message = message
         self.details = details or []
+        self.headers: dict[str, str] = {}
 
 
 class InvalidJson(ApiError):
@@ -72,11 +73,61 @@ class ContextLengthExceeded(ApiError):
         )
 
 
+class PromptTooLongForDeadline(ApiError):
+    """The prompt's forward pass alone cannot finish before the request's deadline: refused unread."""
+
+    status_code = 422
+    code = "prompt_too_long_for_deadline"
+
+    def __init__(
+        self, *, prompt_tokens: int, batch: int, estimated_s: float, available_s: float, largest_prompt_tokens: int
+    ) -> None:
+        fits = (
+            f"the largest prompt that fits now is {largest_prompt_tokens} tokens"
+            + (f" per prompt for a batch of {batch}" if batch > 1 else "")
+            if largest_prompt_tokens > 0
+            else "no prompt fits the time left"
+        )
+        super().__init__(
+            f"reading a prompt of {prompt_tokens} tokens"
+            + (f" x {batch} prompts" if batch > 1 else "")
+            + f" takes about {estimated_s:.1f} s, but only {max(0.0, available_s):.1f} s are left before the "
+            f"deadline: {fits}",
+            details=[
+                {
+                    "prompt_tokens": prompt_tokens,
+                    "batch": batch,
+                    "estimated_prompt_seconds": round(estimated_s, 2),
+                    "available_seconds": round(max(0.0, available_s), 2),
+                    "largest_prompt_tokens": largest_prompt_tokens,
+                }
+            ],
+        )
+        self.prompt_tokens = prompt_tokens
+        self.batch = batch
+        self.largest_prompt_tokens = largest_prompt_tokens
+
+
 class ModelNotReady(ApiError):
     """The model could not be loaded in this execution environment."""
 
     status_code = 503
     code = "model_not_ready"
+
+
+class ModelLoading(ApiError):
+    """The model is still loading in this (new) execution environment and was not ready by the deadline."""
+
+    status_code = 503
+    code = "model_loading"
+
+    def __init__(self, loading_for_s: float) -> None:
+        super().__init__(
+            f"the model has been loading for {loading_for_s:.0f} s in this new execution environment and was not "
+            "ready in time for this request; retry shortly (see Retry-After)"
+        )
+        # A load takes about as long again as it already has at worst; ask for a retry within that, bounded.
+        self.headers = {"Retry-After": str(int(min(30, max(2, loading_for_s))))}
 
 
 class ModelLoadError(Exception):

@@ -1,4 +1,4 @@
-"""The generator interface: what the handler may ask of a model, with no AWS or HTTP types.
+"""The generator interface: what the protocols may ask of a model, with no AWS or HTTP types.
 
 `get_generator()` is the seam: it loads the model once per execution environment and caches it (or
 the reason it could not be loaded). Unit tests replace it with a fake; nothing here imports torch.
@@ -9,13 +9,18 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .errors import ModelLoadError, ModelNotReady
+from .errors import ModelLoadError, ModelLoading, ModelNotReady
 from .settings import get_settings
 
-FinishReason = Literal["length", "eos_token", "stop_sequence", "time_limit"]
+FinishReason = Literal["length", "eos_token", "stop_sequence", "time_limit", "cancelled"]
+"""Why a completion ended. `cancelled`: the caller's `on_step` asked to stop (a streaming client left)."""
+
+MAX_LOGPROBS = 20
+"""The most alternatives per token a request may ask for (OpenAI's chat maximum)."""
 
 
 @dataclass(frozen=True)
@@ -28,30 +33,85 @@ class GenerationParams:
     top_p: float = 0.95
     top_k: int = 50
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    """OpenAI's: subtracted once from the logit of every token already generated."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: subtracted from a token's logit once per time it was already generated."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits at every step (OpenAI's `logit_bias`)."""
     seed: int | None = None
     stop: tuple[str, ...] = ()
     return_full_text: bool = True
+    logprobs: int | None = None
+    """None: no log-probabilities. k >= 0: the chosen token's log-probability and the k most likely
+    alternatives at every generated position (from the model's raw distribution, before sampling controls)."""
+    prompt_logprobs: bool = False
+    """Also the log-probability of every prompt token after the first (with `logprobs` alternatives)."""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One position's token and its log-probability, with the most likely alternatives (best first)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
 class Completion:
-    """One prompt's outcome."""
+    """One row's outcome."""
 
     text: str
     finish_reason: FinishReason
     prompt_tokens: int
     generated_tokens: int
+    token_ids: tuple[int, ...] = ()
+    """The generated ids counted in `generated_tokens` (up to and including the one that completed a stop
+    string; never the end-of-text token)."""
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    """One per id of `token_ids` when `params.logprobs` is set."""
+    prompt_token_ids: tuple[int, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    """One per prompt token when `params.prompt_logprobs`; the first is None (nothing precedes it)."""
+    seed: int | None = None
+    """The seed of this row's sampler."""
 
 
 @dataclass(frozen=True)
 class GenerationResult:
-    """A batch's completions (one per prompt, in order) and its timings."""
+    """A batch's completions (one per row, in order) and its timings."""
 
     completions: list[Completion]
     seed: int
     time_to_first_token_s: float
     total_s: float
     tokens_per_second: float
+    prompt_pass_s: float = 0.0
+    """Time of the prompt's forward pass (all chunks), tokenization excluded."""
+    prompt_chunks: int = 1
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """What one decoding step produced for one row, for streaming.
+
+    `text` is the new text that is now final: incrementally decoded (never a broken multi-byte character)
+    and with any text that might begin a stop string held back until it is known not to be one. It may
+    be empty. `finish_reason` is set on the row's last event.
+    """
+
+    row: int
+    token_id: int | None
+    text: str
+    logprob: TokenLogprob | None = None
+    finish_reason: FinishReason | None = None
+
+
+OnStep = Callable[[list[StepEvent]], bool]
+"""Called once with no events when the request is admitted (before the prompt pass: a stream sends its first
+bytes then), then after every decoding step with the rows' events; returning False stops generation
+(`cancelled`)."""
 
 
 @dataclass
@@ -63,6 +123,14 @@ class ModelInfo:
     context_length: int
     load_seconds: float
     manifest: dict[str, object] = field(default_factory=dict)
+    cpu: dict[str, object] = field(default_factory=dict)
+    """The CPU's ISA as the libraries use it (capped capability included)."""
+    kernels: dict[str, object] = field(default_factory=dict)
+    """Which kernels the loaded model runs, by layer kind."""
+    chat_template: bool = False
+    """Whether the tokenizer ships a chat template."""
+    vocab_size: int = 0
+    """Rows of the model's output layer: valid token ids are below it."""
 
 
 class Generator(ABC):
@@ -71,52 +139,116 @@ class Generator(ABC):
     info: ModelInfo
 
     @abstractmethod
-    def generate(self, prompts: list[str], params: GenerationParams, deadline: float) -> GenerationResult:
+    def generate(
+        self,
+        prompts: list[str],
+        params: GenerationParams,
+        deadline: float,
+        *,
+        seeds: Sequence[int] | None = None,
+        on_step: OnStep | None = None,
+    ) -> GenerationResult:
         """Generate for every prompt as one batch; stop by `deadline` (a `time.monotonic()` value).
 
-        Raises ContextLengthExceeded when a prompt plus `max_new_tokens` does not fit the context.
+        `seeds` gives each row its own sampler seed (one per prompt; default: `params.seed` or a random one
+        for every row), so a row samples the same text whatever else is in the batch.
+
+        Raises ContextLengthExceeded when a prompt plus `max_new_tokens` does not fit the context, and
+        PromptTooLongForDeadline (before any compute, or between prompt chunks) when the prompt pass cannot
+        finish by the deadline.
         """
 
+    @abstractmethod
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` without special tokens."""
 
-def deadline_from(budget_s: float, remaining_s: float, margin_s: float, now: float | None = None) -> float:
-    """The monotonic time by which generation must end.
+    @abstractmethod
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        """Each token's own text (a byte-level piece that is not valid UTF-8 alone decodes with U+FFFD)."""
 
-    The smaller of the configured budget and what the Lambda invocation has left minus a margin for
-    building the response; never in the past.
-    """
-    now = time.monotonic() if now is None else now
-    return now + max(0.0, min(budget_s, remaining_s - margin_s))
+    @abstractmethod
+    def token_bytes(self, token_ids: Sequence[int]) -> list[bytes]:
+        """Each token's raw bytes (byte-level BPE pieces may be part of a multi-byte character)."""
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str | None:
+        """The prompt for a chat, with the tokenizer's own template; None when it ships none."""
+        return None
+
+    def speeds(self) -> dict[str, object]:
+        """The measured speeds the deadline decisions use (for /health)."""
+        return {}
 
 
 _lock = threading.Lock()
+_ready = threading.Event()
 _generator: Generator | None = None
 _load_error: str | None = None
+_loader: threading.Thread | None = None
+_load_started: float | None = None
 
 
-def get_generator() -> Generator:
+def _load() -> None:
+    """Load the model once (whichever thread gets here first); remember the model or why it failed."""
+    global _generator, _load_error, _load_started
+    with _lock:
+        if _generator is not None or _load_error is not None:
+            return
+        from .hf_generator import TransformersGenerator  # torch is imported only when a model is
+
+        settings = get_settings()
+        _load_started = _load_started or time.monotonic()
+        try:
+            _generator = TransformersGenerator.load(
+                settings.model_dir,
+                dtype=settings.dtype,
+                num_threads=settings.num_threads,
+                warmup=settings.warmup,
+                verify_checksums=settings.verify_checksums,
+                chunk_seconds=settings.prompt_chunk_seconds,
+            )
+        except ModelLoadError as exc:
+            _load_error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - a loader bug must not kill the loading thread silently
+            _load_error = f"unexpected {type(exc).__name__} while loading: {exc}"
+        finally:
+            _ready.set()
+
+
+def start_loading(background: bool, on_done: Callable[[], None] | None = None) -> None:
+    """Start loading the model: in a background thread (init returns at once), or right here. `on_done`
+    runs after the load, successful or not, in the loading thread."""
+    global _loader, _load_started
+    if _generator is not None or _loader is not None:
+        return
+    _load_started = time.monotonic()
+
+    def load_and_report() -> None:
+        _load()
+        if on_done is not None:
+            on_done()
+
+    if background:
+        _loader = threading.Thread(target=load_and_report, name="model-load", daemon=True)
+        _loader.start()
+    else:
+        load_and_report()
+
+
+def get_generator(wait_s: float | None = None) -> Generator:
     """The model of this execution environment, loaded on first use and kept warm.
 
-    A failed load is remembered: later requests fail fast with ModelNotReady instead of retrying a
-    multi-gigabyte load that will fail the same way.
+    While a background load is under way, wait for it for at most `wait_s` seconds (None: as long as it
+    takes), then raise ModelLoading (503 with Retry-After). A failed load is remembered: later requests
+    fail fast with ModelNotReady instead of retrying a multi-gigabyte load that will fail the same way.
     """
-    global _generator, _load_error
     if _generator is not None:
         return _generator
-    with _lock:
-        if _generator is None and _load_error is None:
-            from .hf_generator import TransformersGenerator  # torch is imported only when a model is
-
-            settings = get_settings()
-            try:
-                _generator = TransformersGenerator.load(
-                    settings.model_dir,
-                    dtype=settings.dtype,
-                    num_threads=settings.num_threads,
-                    warmup=settings.warmup,
-                    verify_checksums=settings.verify_checksums,
-                )
-            except ModelLoadError as exc:
-                _load_error = str(exc)
+    if _loader is not None and not _ready.is_set():
+        if not _ready.wait(timeout=None if wait_s is None else max(0.0, wait_s)):
+            loading_for = time.monotonic() - (_load_started or time.monotonic())
+            raise ModelLoading(loading_for)
+    else:
+        _load()
     if _generator is None:
         # The reason (which names files) goes to the logs at load time, not to callers.
         raise ModelNotReady("the model failed to load in this execution environment; see the function's logs")
@@ -126,3 +258,8 @@ def get_generator() -> Generator:
 def load_status() -> tuple[Generator | None, str | None]:
     """The loaded generator or the load error, without triggering a load."""
     return _generator, _load_error
+
+
+def loading() -> bool:
+    """True while a background load is under way."""
+    return _loader is not None and not _ready.is_set()

@@ -8,40 +8,37 @@ from __future__ import annotations
 
 import binascii
 import json
-import warnings
-from typing import Annotated, Any
+from typing import Any
 
-from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.event_handler import (
     APIGatewayHttpResolver,
     APIGatewayRestResolver,
     Response,
     content_types,
 )
-from aws_lambda_powertools.event_handler.api_gateway import ApiGatewayResolver, Router
+from aws_lambda_powertools.event_handler.api_gateway import ApiGatewayResolver
 from aws_lambda_powertools.event_handler.exceptions import NotFoundError
 from aws_lambda_powertools.event_handler.openapi.exceptions import (
     RequestUnsupportedContentType,
     RequestValidationError,
 )
-from aws_lambda_powertools.event_handler.openapi.params import Body
 from aws_lambda_powertools.metrics import MetricUnit
 from pydantic import ValidationError
 
-from . import errors
-from .generator import deadline_from, get_generator, load_status
-from .schemas import ErrorResponse, GenerateRequest, GenerateResponse, HealthResponse, HttpEvent, RestEvent
+from . import errors, invocation, native
+from .generator import load_status, start_loading
+from .observability import logger, metrics, tracer
+from .openai_api import errors as openai_errors
+from .openai_api import routes as openai_routes
+from .schemas import ErrorResponse, GenerateRequest, HttpEvent, RestEvent
 from .settings import get_settings
 
-# Health checks and rejected requests publish no metrics; that is expected, not worth a warning each.
-warnings.filterwarnings("ignore", message="No application metrics to publish")
-
 settings = get_settings()
-logger = Logger(service=settings.service_name)
-metrics = Metrics(namespace=settings.metrics_namespace, service=settings.service_name)
-tracer = Tracer(service=settings.service_name)
 
-ROUTES = {"/generate": "POST", "/health": "GET", "/openapi.json": "GET"}
+ROUTES = {**native.ROUTES, **openai_routes.ROUTES, "/openapi.json": "GET"}
+# The OpenAI base URL is the stage's (https://<api>/v1): a path that still carries /v1 (an HTTP API's
+# $default stage, a custom domain, sam local start-api) is routed as the same path without it.
+STRIP_PREFIXES = ["/v1"]
 # Keys only API Gateway events have: an event with any of them is answered as an API Gateway request.
 API_GATEWAY_KEYS = ("requestContext", "httpMethod", "rawPath", "routeKey")
 # Input echoed in an error message (a path, a field name) is cut to this many characters.
@@ -51,25 +48,9 @@ MAX_ERROR_DETAILS = 20
 API_TITLE = "Phi-2 text generation"
 API_VERSION = "1.0.0"
 
-router = Router()
-
-
-class _Invocation:
-    """The invocation being served (one at a time per execution environment) and how many came before.
-
-    Kept here rather than read from the resolvers, because two resolvers share one router.
-    """
-
-    count = 0
-    context: Any = None
-
-    @classmethod
-    def cold(cls) -> bool:
-        return cls.count == 1
-
 
 def _request_id() -> str | None:
-    return getattr(_Invocation.context, "aws_request_id", None)
+    return invocation.request_id()
 
 
 def _clip(text: object) -> str:
@@ -82,12 +63,25 @@ def _error_body(exc: errors.ApiError, request_id: str | None) -> dict[str, Any]:
     return ErrorResponse(error=exc.code, message=exc.message, request_id=request_id, details=exc.details).model_dump()
 
 
-def _error_response(exc: errors.ApiError, headers: dict[str, str] | None = None) -> Response:
+def _render_error(
+    exc: errors.ApiError, request_id: str | None, method: Any, path: Any
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """The one mapping of an error to an answer: OpenAI's shape and status codes on OpenAI's paths (with the
+    request id in `x-request-id`, where its SDK reads it), the native shape everywhere else."""
+    if openai_errors.is_openai_path(path):
+        headers = {**exc.headers, **({openai_errors.REQUEST_ID_HEADER: request_id} if request_id else {})}
+        return openai_errors.status_code(exc), openai_errors.render(exc, str(method), _clip(path)), headers
+    return exc.status_code, _error_body(exc, request_id), dict(exc.headers)
+
+
+def _error_response(exc: errors.ApiError, headers: dict[str, str] | None = None, request: Any = None) -> Response:
+    method, path = (request.http_method, request.path) if request is not None else (None, None)
+    status, body, extra = _render_error(exc, _request_id(), method, path)
     return Response(
-        status_code=exc.status_code,
+        status_code=status,
         content_type=content_types.APPLICATION_JSON,
-        body=json.dumps(_error_body(exc, _request_id())),
-        headers=headers,
+        body=json.dumps(body),
+        headers={**extra, **(headers or {})} or None,
     )
 
 
@@ -143,83 +137,15 @@ def _parse_json_body(text: str) -> Any:
     return value
 
 
-@tracer.capture_method
-def _generate(request: GenerateRequest) -> GenerateResponse:
-    generator = get_generator()
-    context = _Invocation.context
-    remaining_s = context.get_remaining_time_in_millis() / 1000 if context is not None else float("inf")
-    deadline = deadline_from(settings.generation_budget_s, remaining_s, settings.deadline_margin_s)
-    result = generator.generate(request.prompt_list(), request.params(), deadline)
-
-    prompt_tokens = sum(c.prompt_tokens for c in result.completions)
-    generated_tokens = sum(c.generated_tokens for c in result.completions)
-    metrics.add_metric(name="PromptTokens", unit=MetricUnit.Count, value=prompt_tokens)
-    metrics.add_metric(name="GeneratedTokens", unit=MetricUnit.Count, value=generated_tokens)
-    metrics.add_metric(name="TimeToFirstToken", unit=MetricUnit.Milliseconds, value=result.time_to_first_token_s * 1000)
-    metrics.add_metric(name="GenerationSeconds", unit=MetricUnit.Seconds, value=result.total_s)
-    metrics.add_metric(name="TokensPerSecond", unit=MetricUnit.CountPerSecond, value=result.tokens_per_second)
-    log = {
-        "prompts": len(result.completions),
-        "prompt_tokens": prompt_tokens,
-        "generated_tokens": generated_tokens,
-        "finish_reasons": [c.finish_reason for c in result.completions],
-        "time_to_first_token_s": round(result.time_to_first_token_s, 3),
-        "total_s": round(result.total_s, 3),
-        "tokens_per_second": round(result.tokens_per_second, 2),
-    }
-    if settings.log_text:
-        log["prompts_text"] = request.prompt_list()
-        log["generated_text"] = [c.text for c in result.completions]
-    logger.info("generated", extra=log)
-    return GenerateResponse.from_result(result, request.batched)
-
-
-@router.post(
-    "/generate",
-    summary="Generate text",
-    description="Continue the prompt with Phi-2. Stops at end-of-text, a stop string, "
-    "max_new_tokens or the time budget, whichever comes first.",
-    responses={
-        200: {"description": "Generated text and details"},
-        400: {"description": "Malformed JSON", "content": {"application/json": {"model": ErrorResponse}}},
-        413: {"description": "Body too large", "content": {"application/json": {"model": ErrorResponse}}},
-        422: {
-            "description": "Invalid field, or prompt too long for the context",
-            "content": {"application/json": {"model": ErrorResponse}},
-        },
-        503: {"description": "Model not loaded", "content": {"application/json": {"model": ErrorResponse}}},
-    },
-)
-def generate(request: Annotated[GenerateRequest, Body()]) -> GenerateResponse:
-    return _generate(request)
-
-
-@router.get("/health", summary="Which model is loaded, and whether it is ready")
-def health() -> Response[HealthResponse]:
-    try:
-        generator = get_generator()
-    except errors.ModelNotReady:
-        generator = None
-    if generator is None:
-        body = HealthResponse(status="not_ready", loaded=False, cold_start=_Invocation.cold())
-        return Response(503, content_types.APPLICATION_JSON, body)
-    info = generator.info
-    body = HealthResponse(
-        status="ok",
-        loaded=True,
-        model_id=info.model_id,
-        dtype=info.dtype,
-        context_length=info.context_length,
-        load_seconds=round(info.load_seconds, 3),
-        cold_start=_Invocation.cold(),
-        model=info.manifest,
-    )
-    return Response(200, content_types.APPLICATION_JSON, body)
-
-
 def _build(resolver_class: type[ApiGatewayResolver]) -> ApiGatewayResolver:
-    app = resolver_class(enable_validation=True, json_body_deserializer=_parse_json_body)
-    app.include_router(router)
+    app = resolver_class(
+        enable_validation=True, json_body_deserializer=_parse_json_body, strip_prefixes=list(STRIP_PREFIXES)
+    )
+    app.include_router(native.router)
+    app.include_router(openai_routes.router)
+
+    def fail(exc: errors.ApiError, headers: dict[str, str] | None = None) -> Response:
+        return _error_response(exc, headers, app.current_event)
 
     @app.get("/openapi.json", include_in_schema=False)
     def openapi():  # no annotation: the spec does not describe itself
@@ -228,44 +154,44 @@ def _build(resolver_class: type[ApiGatewayResolver]) -> ApiGatewayResolver:
 
     @app.exception_handler(RequestValidationError)
     def on_validation(exc: RequestValidationError) -> Response:
-        return _error_response(_validation_error(exc))
+        return fail(_validation_error(exc))
 
     @app.exception_handler(RequestUnsupportedContentType)
     def on_content_type(exc: RequestUnsupportedContentType) -> Response:
-        return _error_response(errors.UnsupportedMediaType("send the body as application/json"))
+        return fail(errors.UnsupportedMediaType("send the body as application/json"))
 
     # Raised while the resolver decodes the body. One handler each: Powertools takes a list of classes, but
     # registers a tuple as one key that never matches, which made these 500s.
     @app.exception_handler(binascii.Error)
     def on_bad_base64(exc: Exception) -> Response:
-        return _error_response(errors.BadRequest("request body is marked isBase64Encoded but is not valid base64"))
+        return fail(errors.BadRequest("request body is marked isBase64Encoded but is not valid base64"))
 
     @app.exception_handler(UnicodeDecodeError)
     def on_bad_utf8(exc: Exception) -> Response:
-        return _error_response(errors.BadRequest("request body is not valid UTF-8"))
+        return fail(errors.BadRequest("request body is not valid UTF-8"))
 
     @app.exception_handler(errors.ApiError)
     def on_api_error(exc: errors.ApiError) -> Response:
         if exc.status_code >= 500:
             logger.error("request failed", extra={"error": exc.code})
-        return _error_response(exc)
+        return fail(exc)
 
     @app.not_found
     def on_not_found(exc: NotFoundError) -> Response:
         path, method = app.current_event.path, app.current_event.http_method
-        allowed = ROUTES.get(path)
+        allowed = ROUTES.get(path) or ROUTES.get(path.removeprefix("/v1"))
         if allowed and allowed != method:
-            return _error_response(
+            return fail(
                 errors.MethodNotAllowed(f"{_clip(method)} is not allowed on {path}; use {allowed}"),
                 headers={"Allow": allowed},
             )
-        return _error_response(errors.NotFound(f"no route for {_clip(method)} {_clip(path)}; try POST /generate"))
+        return fail(errors.NotFound(f"no route for {_clip(method)} {_clip(path)}; try POST /generate"))
 
     @app.exception_handler(Exception)
     def on_unexpected(exc: Exception) -> Response:
         # Full detail (stack trace) to the logs only; the caller gets the request id to quote.
         logger.exception("unhandled error")
-        return _error_response(errors.ApiError(errors.INTERNAL_ERROR_MESSAGE))
+        return fail(errors.ApiError(errors.INTERNAL_ERROR_MESSAGE))
 
     return app
 
@@ -321,12 +247,17 @@ def _body_size(event: dict[str, Any]) -> int:
     return len(body.encode("utf-8", "surrogatepass")) if isinstance(body, str) else 0
 
 
-def _proxy_error(exc: errors.ApiError, request_id: str | None) -> dict[str, Any]:
+def _proxy_error(exc: errors.ApiError, request_id: str | None, event: Any = None) -> dict[str, Any]:
     """An API Gateway proxy response built before Powertools sees the event (valid for v1 and v2)."""
+    event = event if isinstance(event, dict) else {}
+    context = event.get("requestContext")
+    http = context.get("http") if isinstance(context, dict) else None
+    method = event.get("httpMethod") or (http.get("method") if isinstance(http, dict) else None)
+    status, body, headers = _render_error(exc, request_id, method, event.get("path") or event.get("rawPath"))
     return {
-        "statusCode": exc.status_code,
-        "headers": {"Content-Type": content_types.APPLICATION_JSON},
-        "body": json.dumps(_error_body(exc, request_id)),
+        "statusCode": status,
+        "headers": {"Content-Type": content_types.APPLICATION_JSON, **headers},
+        "body": json.dumps(body),
         "isBase64Encoded": False,
     }
 
@@ -337,56 +268,69 @@ def _direct(event: Any, request_id: str | None) -> dict[str, Any]:
         if not isinstance(event, dict):
             raise errors.BadRequest('the event must be a JSON object such as {"prompt": "..."}')
         request = GenerateRequest.model_validate(event)
-        return _generate(request).model_dump()
+        return native.generate_response(request).model_dump()
     except ValidationError as exc:
         failure = _validation_error(exc)
     except errors.ApiError as exc:
         failure = exc
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure becomes the generic 500, logged with its stack
         logger.exception("unhandled error")
         failure = errors.ApiError(errors.INTERNAL_ERROR_MESSAGE)
     return {**_error_body(failure, request_id), "status_code": failure.status_code}
 
 
 @logger.inject_lambda_context(clear_state=True)
-@tracer.capture_lambda_handler(capture_response=False)
+@tracer.capture_lambda_handler(capture_response=False, capture_error=False)
 @metrics.log_metrics(capture_cold_start_metric=True)
 def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
     """Lambda handler: dispatch by event shape."""
-    _Invocation.count += 1
-    _Invocation.context = context
-    request_id = _request_id()
     kind = _event_kind(event)
+    invocation.begin(context, kind, event)
+    request_id = _request_id()
     if kind == "direct":
         return _direct(event, request_id)
 
     problem = _envelope_problem(event, kind)
     if problem is not None:
-        return _proxy_error(problem, request_id)
+        return _proxy_error(problem, request_id, event)
     logger.set_correlation_id(event["requestContext"].get("requestId"))
     app = http_app if kind == "http" else rest_app
     try:
         return app.resolve(event, context)
-    except Exception:
+    except Exception:  # noqa: BLE001 - logged with its stack, answered 400
         # Routes never get here (their errors are mapped above): this is an envelope Powertools cannot read.
         logger.exception("malformed API Gateway event")
-        return _proxy_error(errors.BadRequest("malformed API Gateway event"), request_id)
+        return _proxy_error(errors.BadRequest("malformed API Gateway event"), request_id, event)
 
 
-def _load_at_init() -> None:
-    """Load the model during the init phase so the first request finds it warm."""
-    try:
-        generator = get_generator()
-    except errors.ModelNotReady:
-        _, reason = load_status()
+def _report_load() -> None:
+    """After the load (in the loading thread, or in init): one log line saying what is loaded, or why not."""
+    generator, reason = load_status()
+    if generator is None:
         logger.error("model failed to load", extra={"reason": reason, "model_dir": str(settings.model_dir)})
         return
     info = generator.info
     metrics.add_metric(name="ModelLoadSeconds", unit=MetricUnit.Seconds, value=info.load_seconds)
     logger.info(
         "model ready",
-        extra={"model_id": info.model_id, "dtype": info.dtype, "load_seconds": round(info.load_seconds, 3)},
+        extra={
+            "model_id": info.model_id,
+            "dtype": info.dtype,
+            "load_seconds": round(info.load_seconds, 3),
+            "cpu": info.cpu,
+            "kernels": info.kernels,
+            "speeds": generator.speeds(),
+        },
     )
+
+
+def _load_at_init() -> None:
+    """Start the load in the init phase: in the background for on-demand environments (init returns at once,
+    well inside Lambda's 10 s, and the first request waits for the model within its own deadline), fully
+    for provisioned concurrency (whose init phase may take minutes, so requests always find it warm)."""
+    background = settings.load_in_background
+    logger.info("loading the model", extra={"background": background, "model_dir": str(settings.model_dir)})
+    start_loading(background, on_done=_report_load)
 
 
 if settings.preload:

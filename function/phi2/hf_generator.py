@@ -1,4 +1,11 @@
-"""Load a prepared model with transformers and generate with it: batching, stopping, deadlines."""
+"""Load a prepared model with transformers and generate with it: batching, stopping, deadlines, streaming.
+
+Generation is transformers' own `generate` loop (its chunked prefill, cache and batching), steered through
+its extension points: logits processors (penalties, per-row seeded sampling, log-probabilities: see
+sampling.py), one stopping criterion that turns each step's tokens into text and events (detokenizer.py)
+and ends rows, and forward hooks that time every pass for the planner and stop the prompt pass between
+chunks when the rest can no longer finish before the deadline (planner.py).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -22,14 +30,30 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
-    StoppingCriteria,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
     StoppingCriteriaList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
 )
 
-from . import quantization
+from . import cpu, quantization
+from .detokenizer import TextStream
 from .errors import ContextLengthExceeded, ModelLoadError
-from .generator import Completion, GenerationParams, GenerationResult, Generator, ModelInfo
+from .generator import (
+    Completion,
+    GenerationParams,
+    GenerationResult,
+    Generator,
+    ModelInfo,
+    OnStep,
+    TokenLogprob,
+)
+from .hooks import Passes, Row, Steps
 from .model_files import read_manifest, verify
+from .planner import Calibration, CostModel, PassSample, Planner
+from .sampling import LogitBias, LogprobRecorder, PresenceFrequencyPenalty, SeededSampler
 
 log = logging.getLogger(__name__)
 # Progress bars are for terminals; in Lambda they are only noise in the logs.
@@ -65,51 +89,18 @@ def _loading(what: str, model_dir: Path, load, **kwargs):
         raise ModelLoadError(f"{what} in {model_dir.name} failed to load: {type(exc).__name__}: {exc}") from None
 
 
-class _Monitor(StoppingCriteria):
-    """Called by `generate` after every new token: records timings, ends rows that hit a stop string,
-    and ends the whole batch when the next token would miss the deadline."""
-
-    def __init__(self, tokenizer, prompt_width: int, stop: tuple[str, ...], deadline: float, start: float):
-        self.tokenizer = tokenizer
-        self.prompt_width = prompt_width
-        self.stop = stop
-        # Enough trailing tokens to contain the longest stop string (a token is at least one byte).
-        self.tail = max((len(s.encode()) for s in stop), default=0) + 2
-        self.deadline = deadline
-        self.start = start
-        self.first_token_at: float | None = None
-        self.last_token_at = start
-        self.steps = 0
-        self.timed_out = False
-        self.stopped: torch.Tensor | None = None
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        now = time.monotonic()
-        self.steps += 1
-        self.last_token_at = now
-        if self.first_token_at is None:
-            self.first_token_at = now
-        batch = input_ids.shape[0]
-        if self.stopped is None:
-            self.stopped = torch.zeros(batch, dtype=torch.bool)
-        if self.stop:
-            new = input_ids[:, self.prompt_width :]
-            for row in range(batch):
-                if not self.stopped[row]:
-                    text = self.tokenizer.decode(new[row, -self.tail :], skip_special_tokens=True)
-                    self.stopped[row] = any(s in text for s in self.stop)
-        # Decode steps take about the same time each: stop if the next one would end past the deadline.
-        per_token = (now - self.first_token_at) / (self.steps - 1) if self.steps > 1 else 0.0
-        if now + per_token >= self.deadline:
-            self.timed_out = True
-            return torch.ones(batch, dtype=torch.bool, device=input_ids.device)
-        return self.stopped.clone().to(input_ids.device)
+# The warm-up check times a pass of this many prompt tokens and a few decode steps: long enough to be
+# measured, short enough for the init phase.
+CHECK_PROMPT_TOKENS = 32
+CHECK_DECODE_STEPS = 4
+# What preparation times: a decode-sized pass, prompt passes of growing size, and a batch.
+CALIBRATION_SHAPES = ((1, 1), (1, 16), (1, 64), (1, 256), (4, 64))
 
 
 class TransformersGenerator(Generator):
     """A causal LM served with transformers on the CPU."""
 
-    def __init__(self, model, tokenizer, info: ModelInfo) -> None:
+    def __init__(self, model, tokenizer, info: ModelInfo, planner: Planner | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.info = info
@@ -124,6 +115,10 @@ class TransformersGenerator(Generator):
             tokenizer.pad_token = tokenizer.eos_token
         # Left padding keeps every prompt's last token in the final column, where generation continues.
         tokenizer.padding_side = "left"
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.planner = planner or Planner(info.context_length, attention_ratio(model))
+        self.last_passes: list[PassSample] = []
+        self._byte_decoder = _byte_decoder(tokenizer)
 
     @classmethod
     def load(
@@ -134,8 +129,13 @@ class TransformersGenerator(Generator):
         num_threads: int | None = None,
         warmup: bool = True,
         verify_checksums: bool = False,
+        chunk_seconds: float = 1.0,
     ):
-        """Load the model and tokenizer prepared in `model_dir`; raise ModelLoadError naming the problem."""
+        """Load the model and tokenizer prepared in `model_dir`; raise ModelLoadError naming the problem.
+
+        With `warmup`, a short generation pays the kernels' one-time set-up, and a timed pass checks the
+        calibrated speeds on this CPU (see planner.py).
+        """
         started = time.monotonic()
         manifest = read_manifest(model_dir)
         verify(model_dir, manifest, checksums=verify_checksums)
@@ -177,94 +177,251 @@ class TransformersGenerator(Generator):
             context_length=context,
             load_seconds=0.0,
             manifest=manifest.summary(),
+            cpu=cpu.describe(),
+            kernels=quantization.kernels_in_use(model),
+            chat_template=bool(getattr(tokenizer, "chat_template", None)),
+            vocab_size=model.get_output_embeddings().weight.shape[0],
         )
-        generator = cls(model, tokenizer, info)
+        ratio = attention_ratio(model)
+        calibration = Calibration.read(model_dir)
+        cost = CostModel.fit(calibration.samples, ratio) if calibration and calibration.samples else None
+        planner = Planner(context, ratio, chunk_seconds=chunk_seconds, cost=cost)
+        generator = cls(model, tokenizer, info, planner)
         if warmup:
-            # The first forward pass initialises oneDNN kernels and allocator pools; pay it at init.
-            generator.generate(["Hello"], GenerationParams(max_new_tokens=2, do_sample=False), time.monotonic() + 60)
+            generator.check_speed()
         info.load_seconds = time.monotonic() - started
-        log.info("model loaded", extra={"model_id": info.model_id, "dtype": dtype_name, "threads": threads})
+        log.info(
+            "model loaded",
+            extra={"model_id": info.model_id, "dtype": dtype_name, "threads": threads, "cpu": info.cpu},
+        )
         return generator
+
+    def check_speed(self) -> None:
+        """Pay the kernels' one-time set-up, then time a short prompt pass and a few decode steps and rescale
+        the planner's speeds to this CPU."""
+        far = time.monotonic() + 3600
+        # The first forward pass initialises oneDNN kernels and allocator pools: not a measurement.
+        self.generate(["Hello"], GenerationParams(max_new_tokens=2, do_sample=False), far)
+        prompt = self.tokenizer.decode(list(range(1000, 1000 + CHECK_PROMPT_TOKENS)))
+        prompt_passes, steps = [], []
+        # Twice, keeping the faster: the first pass of a new shape also pays its kernels' set-up.
+        for _ in range(2):
+            self.generate([prompt], GenerationParams(max_new_tokens=CHECK_DECODE_STEPS + 1, do_sample=False), far)
+            prompt_passes += [s for s in self.last_passes if s.tokens > 1]
+            steps += [s.seconds for s in self.last_passes if s.tokens == 1]
+        if prompt_passes:
+            self.planner.rescale(min(prompt_passes, key=lambda s: s.seconds))
+        if steps:
+            self.planner.set_decode_step(sorted(steps)[len(steps) // 2])
+
+    def calibrate(self, shapes: Sequence[tuple[int, int]] = CALIBRATION_SHAPES) -> Calibration:
+        """Time one forward pass per (batch, tokens) shape, after an untimed one: the speeds that preparation
+        stores beside the model (`calibration.json`) for the planner."""
+        generator = torch.Generator().manual_seed(0)
+        low, high = 1000, min(self.vocab_size, len(self.tokenizer))
+
+        def run(batch: int, tokens: int) -> float:
+            ids = torch.randint(low, high, (batch, tokens), generator=generator)
+            began = time.monotonic()
+            with torch.inference_mode():
+                self.model(input_ids=ids, logits_to_keep=1)
+            return time.monotonic() - began
+
+        run(1, 8)
+        samples = [PassSample(batch, 0, tokens, run(batch, tokens)) for batch, tokens in shapes]
+        return Calibration(samples=samples, threads=torch.get_num_threads())
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def generate(self, prompts: list[str], params: GenerationParams, deadline: float) -> GenerationResult:
+    def speeds(self) -> dict[str, object]:
+        return self.planner.describe()
+
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        return [self._decode([token]) for token in token_ids]
+
+    def token_bytes(self, token_ids: Sequence[int]) -> list[bytes]:
+        pieces = self.tokenizer.convert_ids_to_tokens(list(token_ids))
+        out = []
+        for token, piece in zip(token_ids, pieces, strict=True):
+            if self._byte_decoder and piece is not None and all(c in self._byte_decoder for c in piece):
+                out.append(bytes(self._byte_decoder[c] for c in piece))
+            else:
+                out.append(self._decode([token]).encode("utf-8"))
+        return out
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str | None:
+        if not self.info.chat_template:
+            return None
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def generate(
+        self,
+        prompts: list[str],
+        params: GenerationParams,
+        deadline: float,
+        *,
+        seeds: Sequence[int] | None = None,
+        on_step: OnStep | None = None,
+    ) -> GenerationResult:
         start = time.monotonic()
         encoded = self.tokenizer(prompts, return_tensors="pt", padding=True)
         input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
         prompt_lengths = attention_mask.sum(dim=1).tolist()
-        width = input_ids.shape[1]
+        batch, width = input_ids.shape
         if width + params.max_new_tokens > self.info.context_length:
             raise ContextLengthExceeded(width, params.max_new_tokens, self.info.context_length)
+        plan = self.planner.admit(batch, width, deadline - time.monotonic())
+        if on_step is not None and not on_step([]):
+            # Admitted: a stream sends its first bytes now, before the prompt pass. A caller already gone
+            # costs nothing more.
+            return self._nothing(prompts, prompt_lengths, input_ids, start)
 
         seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
-        torch.manual_seed(seed)
-        monitor = _Monitor(self.tokenizer, width, params.stop, deadline, start)
+        row_seeds = list(seeds) if seeds is not None else [seed] * batch
+        if len(row_seeds) != batch:
+            raise ValueError(f"{len(row_seeds)} seeds for {batch} prompts")
+        recorder = LogprobRecorder() if params.logprobs is not None else None
+        rows = [Row(TextStream(self.tokenizer, params.stop)) for _ in prompts]
+        steps = Steps(self.planner, self.eos_ids, rows, params, deadline, start, recorder, on_step)
+        passes = Passes(self.planner, plan, deadline, input_ids, params.logprobs if params.prompt_logprobs else None)
         config = GenerationConfig(
             max_new_tokens=params.max_new_tokens,
-            do_sample=params.do_sample,
-            repetition_penalty=params.repetition_penalty,
+            # Sampling, when asked for, is done by SeededSampler, which leaves one candidate per row.
+            do_sample=False,
             eos_token_id=self.eos_ids,
             pad_token_id=self.tokenizer.pad_token_id,
-            **(
-                {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k}
-                if params.do_sample
-                else {}
-            ),
+            prefill_chunk_size=plan.chunk_tokens if plan.chunks > 1 else None,
         )
-        with torch.inference_mode():
-            output = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                generation_config=config,
-                stopping_criteria=StoppingCriteriaList([monitor]),
-            )
+        extra = {"logits_to_keep": 0} if params.prompt_logprobs else {}
+        hooks = [
+            self.model.register_forward_pre_hook(passes.before, with_kwargs=True),
+            self.model.register_forward_hook(passes.after, with_kwargs=True),
+        ]
+        try:
+            with torch.inference_mode():
+                self.model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    generation_config=config,
+                    logits_processor=self._processors(params, width, row_seeds, recorder),
+                    stopping_criteria=StoppingCriteriaList([steps]),
+                    **extra,
+                )
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self.last_passes = passes.samples
         end = time.monotonic()
 
-        completions = [
-            self._completion(prompt, output[row, width:], prompt_lengths[row], params, monitor.timed_out)
-            for row, prompt in enumerate(prompts)
-        ]
-        first = monitor.first_token_at or end
-        decode_steps = max(0, monitor.steps - 1)
-        decode_time = monitor.last_token_at - first
+        completions = []
+        for index, (prompt, row) in enumerate(zip(prompts, rows, strict=True)):
+            if row.finish is None:  # generate ended without our criterion ending the row (max length)
+                row.finish = "length"
+                row.stream.finish()
+            prompt_ids = input_ids[index, width - prompt_lengths[index] :].tolist()
+            completions.append(
+                Completion(
+                    text=(prompt if params.return_full_text else "") + row.stream.text,
+                    finish_reason=row.finish,
+                    prompt_tokens=prompt_lengths[index],
+                    generated_tokens=len(row.ids),
+                    token_ids=tuple(row.ids),
+                    logprobs=tuple(row.logprobs) if recorder is not None else None,
+                    prompt_token_ids=tuple(prompt_ids),
+                    prompt_logprobs=self._prompt_logprobs(passes, index, prompt_lengths[index])
+                    if params.prompt_logprobs
+                    else None,
+                    seed=row_seeds[index],
+                )
+            )
+        first = steps.first_token_at or end
+        decode_steps = max(0, steps.steps - 1)
+        decode_time = steps.last_token_at - first
         return GenerationResult(
             completions=completions,
             seed=seed,
             time_to_first_token_s=first - start,
             total_s=end - start,
             tokens_per_second=(decode_steps / decode_time) if decode_time > 0 else 0.0,
+            prompt_pass_s=passes.prefill_s,
+            prompt_chunks=passes.chunks,
         )
 
-    def _completion(
-        self, prompt: str, new_ids: torch.Tensor, prompt_tokens: int, params: GenerationParams, timed_out: bool
-    ) -> Completion:
-        ids = new_ids.tolist()
-        finish: str = "length"
-        eos_at = next((i for i, token in enumerate(ids) if token in self.eos_ids), None)
-        if eos_at is not None:
-            # Rows that finished early are filled with pad tokens after their end-of-text.
-            ids, finish = ids[:eos_at], "eos_token"
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            text, finish = text[:cut], "stop_sequence"
-            ids = ids[: self._tokens_until_stop(ids, params.stop)]
-        elif finish == "length" and timed_out and len(ids) < params.max_new_tokens:
-            finish = "time_limit"
-        if params.return_full_text:
-            text = prompt + text
-        return Completion(text=text, finish_reason=finish, prompt_tokens=prompt_tokens, generated_tokens=len(ids))
+    def _nothing(self, prompts: list[str], prompt_lengths: list[int], input_ids, start: float) -> GenerationResult:
+        """The result of a generation cancelled before it started."""
+        width = input_ids.shape[1]
+        completions = [
+            Completion(
+                text="",
+                finish_reason="cancelled",
+                prompt_tokens=length,
+                generated_tokens=0,
+                prompt_token_ids=tuple(input_ids[row, width - length :].tolist()),
+            )
+            for row, length in enumerate(prompt_lengths)
+        ]
+        elapsed = time.monotonic() - start
+        return GenerationResult(
+            completions, seed=0, time_to_first_token_s=elapsed, total_s=elapsed, tokens_per_second=0.0
+        )
 
-    def _tokens_until_stop(self, ids: list[int], stop: tuple[str, ...]) -> int:
-        """The fewest leading tokens whose text contains a stop string (containment only grows)."""
-        low, high = 1, len(ids)
-        while low < high:
-            mid = (low + high) // 2
-            text = self.tokenizer.decode(ids[:mid], skip_special_tokens=True)
-            if any(s in text for s in stop):
-                high = mid
-            else:
-                low = mid + 1
-        return low
+    def _processors(
+        self, params: GenerationParams, width: int, seeds: list[int], recorder: LogprobRecorder | None
+    ) -> LogitsProcessorList:
+        processors = LogitsProcessorList()
+        if recorder is not None:
+            processors.append(recorder)  # first: log-probabilities of the model's own distribution
+        if params.repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+        if params.presence_penalty or params.frequency_penalty:
+            processors.append(
+                PresenceFrequencyPenalty(params.presence_penalty, params.frequency_penalty, width, self.vocab_size)
+            )
+        if params.logit_bias:
+            processors.append(LogitBias(params.logit_bias))
+        if params.do_sample:
+            processors.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_k > 0:
+                processors.append(TopKLogitsWarper(params.top_k))
+            if params.top_p < 1.0:
+                processors.append(TopPLogitsWarper(params.top_p))
+            processors.append(SeededSampler(seeds))
+        return processors
+
+    def _prompt_logprobs(self, passes: Passes, row: int, length: int) -> tuple[TokenLogprob | None, ...]:
+        width = passes.plan.width
+        ids = passes.input_ids[row]
+        out: list[TokenLogprob | None] = [None]
+        for column in range(width - length + 1, width):
+            top = passes.prompt_top[row][column] if passes.prompt_top else ()
+            out.append(TokenLogprob(int(ids[column]), float(passes.prompt_logprobs[row, column]), top))
+        return tuple(out)
+
+
+def attention_ratio(model) -> float:
+    """Attention's FLOPs per context position relative to a token's matmul FLOPs (see planner.CostModel)."""
+    config = model.config
+    layers = int(getattr(config, "num_hidden_layers", 1) or 1)
+    hidden = int(getattr(config, "hidden_size", 1) or 1)
+    linear = sum(
+        module.in_features * module.out_features
+        for module in model.modules()
+        if hasattr(module, "in_features") and hasattr(module, "out_features")
+    )
+    return (4 * layers * hidden) / (2 * max(1, linear))
+
+
+def _byte_decoder(tokenizer) -> dict[str, int] | None:
+    """Byte-level BPE's map from a token's characters back to its bytes (GPT-2, CodeGen, SmolLM2), if used."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = tokenizer.get_vocab()
+    decoder = {char: byte for byte, char in bytes_to_unicode().items()}
+    # A byte-level vocabulary spells a leading space as "Ġ"; others do not use this alphabet throughout.
+    if any(token.startswith("\u0120") for token in list(vocab)[:5000]):
+        return decoder
+    return None

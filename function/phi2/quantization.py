@@ -2,13 +2,29 @@
 
 Decode on a CPU is memory-bound: every new token reads every weight once. Storing the linear layers'
 weights as int8 (per-output-channel symmetric scales) reads a quarter of fp32's bytes and half of
-bf16's, and brings Phi-2 from ~11 GB (fp32) to ~2.9 GB. The rest of the model computes in fp32: on
-CPUs without native bf16 matrix units, fp32 prefill is several times faster than bf16.
+bf16's, and brings Phi-2 from ~11 GB (fp32) to ~2.8 GB. What runs (`kernels_in_use` says it at load):
+- up to DECODE_ROWS rows (decode, short prompts): torch's `_weight_int8pack_mm`, int8 weights times
+  **bf16 activations** (the fp32 input is rounded to bf16), fp32 out;
+- above DECODE_ROWS rows (long prompts): the weight **de-quantized to fp32** for one fp32 GEMM;
+- everything else (norms, attention, biases, residuals) in fp32; the embedding table is stored in bf16.
 
-The file is plain safetensors (int8 weights, bf16 scales, bf16 embeddings, fp32 norms and biases):
-no pickle, no ISA-specific packing, so the same file serves any x86 or ARM CPU. Loading builds the
-model skeleton on the meta device and adopts the memory-mapped tensors as they are: no full-precision
-copy ever exists, and pages are read from disk as the warm-up pass touches them.
+The file is safetensors (int8 weights, bf16 scales, bf16 embedding, fp32 norms and biases): no pickle,
+no ISA-specific packing, so the same file serves any x86 or ARM CPU. It is written by
+`aligned_safetensors.save_aligned`: every tensor starts on a 64-byte boundary of the file, because the
+AVX-512 path of `_weight_int8pack_mm` faults (SIGSEGV) on a weight or scale that does not, with 4 or more
+rows. Loading builds the model skeleton on the meta device and adopts the memory-mapped tensors as they
+are (no copy; pages are read from disk as the warm-up pass touches them), so in memory they are aligned
+too. A file that is not aligned (written before the aligned layout) is refused at load with a message to
+re-prepare it: copying it would align it at the cost of a second copy of the weights (3.7 -> 5.9 GiB for
+Phi-2), which is how the int8 format would silently lose its point.
+
+Preparation quantizes from the checkpoint's own values (Phi-2: fp16), never from a bf16 rounding of them.
+
+An untied lm_head (Phi-2's, 51200x2560 with a bias) is int8 like the other linears, its bias fp32. Measured
+on SmolLM2-135M with its head untied (issue 9): int8 head alone vs fp32, greedy agreement 0.975 and
+perplexity ratio 1.0007; with the int8 body, 0.951 / 1.009 against 0.961 / 1.009 with an fp32 head; a bf16
+head was no closer (0.957 / 1.010) and cost ~17 ms more per decode step on full-size Phi-2's head (AVX2).
+A tied head stays the fp32 embedding.
 """
 
 from __future__ import annotations
@@ -18,20 +34,35 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from .aligned_safetensors import ALIGNMENT, MisalignedFileError, load_aligned, misaligned, save_aligned
+
 FORMAT = "int8"
-# Up to this many rows (tokens x batch) the int8 kernel is used (decode, short prompts); above it, the
-# weight is de-quantized to fp32 for one GEMM (long prompts), which pays off only once the matmul is
-# large: de-quantizing a 10240x2560 layer costs about as much as 128 rows through the int8 kernel on
-# an AVX2 CPU (measured with /proc-level noise; see the README's performance section).
+# The layout version of the int8 files: 2 = every tensor 64-byte aligned in the file (1 was safetensors'
+# own 8-byte layout, which the AVX-512 int8 kernel cannot take).
+LAYOUT_VERSION = 2
+WEIGHTS_FILE = "model.safetensors"
+QUANTIZATION_FILE = "quantization.json"
+# Up to this many rows (tokens x batch) the int8 kernel is used (decode, short prompts) with bf16
+# activations; above it, the weight is de-quantized to fp32 for one fp32 GEMM (long prompts), which pays
+# off only once the matmul is large: de-quantizing a 10240x2560 layer costs about as much as 128 rows
+# through the int8 kernel on an AVX2 CPU (see the README's performance section).
 DECODE_ROWS = 128
 
 
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    # The AVX-512 path of _weight_int8pack_mm assumes 64-byte aligned operands; a fresh tensor from torch's
+    # CPU allocator is, a view into something else need not be.
+    tensor = tensor.contiguous()
+    return tensor if tensor.data_ptr() % ALIGNMENT == 0 else tensor.clone()
+
+
 class Int8Linear(nn.Module):
-    """A Linear layer whose weight is int8 with one bf16 scale per output row."""
+    """A Linear layer whose weight is int8 with one bf16 scale per output row.
+
+    Up to DECODE_ROWS rows: `_weight_int8pack_mm` with bf16 activations; above: de-quantized fp32 GEMM.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device=None) -> None:
         super().__init__()
@@ -43,7 +74,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if rows <= DECODE_ROWS:
-            flat = x.reshape(rows, self.in_features).to(torch.bfloat16)
+            flat = _aligned(x.reshape(rows, self.in_features).to(torch.bfloat16))
             y = torch._weight_int8pack_mm(flat, self.weight, self.scale).to(x.dtype)
             y = y.reshape(*x.shape[:-1], self.out_features)
         else:
@@ -59,11 +90,20 @@ class Bf16Embedding(nn.Embedding):
         return super().forward(input_ids).float()
 
 
-def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8: (int8 weight, bf16 scale)."""
-    w = weight.float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(torch.bfloat16)
-    q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+def quantize_weight(weight: torch.Tensor, rows_per_chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (int8 weight, bf16 scale), computed in fp32 from `weight` as given.
+
+    A few rows at a time: full-layer fp32 temporaries (105 MB for Phi-2's fc1) left the allocator's heap so
+    fragmented that preparing full-size Phi-2 peaked at ~17 GB; small ones are reused and it stays low.
+    """
+    rows = weight.shape[0]
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    scale = torch.empty(rows, dtype=torch.bfloat16)
+    for start in range(0, rows, rows_per_chunk):
+        w = weight[start : start + rows_per_chunk].to(torch.float32, copy=True)  # never scale `weight` in place
+        chunk_scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(torch.bfloat16)
+        q[start : start + rows_per_chunk] = w.div_(chunk_scale.float()[:, None]).round_().clamp_(-127, 127)
+        scale[start : start + rows_per_chunk] = chunk_scale
     return q, scale
 
 
@@ -87,7 +127,12 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def quantized_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The tensors of the int8 format for a loaded full-precision model, and the quantized layer names."""
+    """The tensors of the int8 format for a loaded model, and the quantized layer names.
+
+    Every value comes from the model's own tensors as loaded (Phi-2: fp16): int8 weights and their scales
+    are computed in fp32 from them, norms and biases are widened to fp32 exactly, the embedding is
+    rounded once, to bf16.
+    """
     linears = set(_linears(model))
     embedding = model.get_input_embeddings()
     tensors: dict[str, torch.Tensor] = {}
@@ -142,26 +187,110 @@ def adopt(model: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
     return model.eval()
 
 
-QUANTIZATION_FILE = "quantization.json"
-
-
 def save(model: nn.Module, directory: Path) -> None:
-    """Write the int8 format of a loaded full-precision model: weights, config, generation config."""
+    """Write the int8 format of a loaded model: aligned weights, config, generation config.
+
+    Raises ValueError if the written file is not aligned (it then must not be served).
+    """
     tensors, linears = quantized_state_dict(model)
-    save_file(tensors, directory / "model.safetensors", metadata={"format": FORMAT})
+    path = directory / WEIGHTS_FILE
+    save_aligned(tensors, path, metadata={"format": FORMAT}, alignment=ALIGNMENT)
+    del tensors
+    bad = misaligned(path, ALIGNMENT)
+    if bad:
+        raise ValueError(f"{path.name} was written with {len(bad)} unaligned tensors, e.g. {bad[:3]}")
     model.config.save_pretrained(directory)
     model.generation_config.save_pretrained(directory)
-    scheme = "weight-only, symmetric per output channel, bf16 scales; fp32 compute"
-    (directory / QUANTIZATION_FILE).write_text(json.dumps({"format": FORMAT, "scheme": scheme, "linears": linears}))
+    scheme = (
+        "weight-only, symmetric per output channel, bf16 scales; int8 kernel with bf16 activations up to "
+        f"{DECODE_ROWS} rows, de-quantized fp32 GEMM above; fp32 elsewhere"
+    )
+    manifest = {
+        "format": FORMAT,
+        "layout_version": LAYOUT_VERSION,
+        "alignment": ALIGNMENT,
+        "scheme": scheme,
+        "linears": linears,
+    }
+    (directory / QUANTIZATION_FILE).write_text(json.dumps(manifest))
+
+
+def layout_problem(directory: Path) -> str | None:
+    """Why the int8 files in `directory` cannot be served as they are (None: they can). Reads headers only."""
+    try:
+        info = json.loads((directory / QUANTIZATION_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        return f"{QUANTIZATION_FILE} is unreadable: {exc}"
+    if info.get("layout_version") != LAYOUT_VERSION:
+        return f"layout version {info.get('layout_version', 1)}, this code needs {LAYOUT_VERSION} (64-byte aligned)"
+    for path in sorted(directory.glob("*.safetensors")):
+        bad = misaligned(path, ALIGNMENT)
+        if bad:
+            return f"{path.name} has {len(bad)} tensors not on a {ALIGNMENT}-byte boundary (e.g. {bad[0]})"
+    return None
 
 
 def load(directory: Path, config) -> nn.Module:
-    """Load the int8 format: the skeleton on meta, then the memory-mapped tensors adopted as they are."""
+    """Load the int8 format: the skeleton on meta, the memory-mapped tensors adopted as they are, the
+    generation config from generation_config.json (as transformers' own loader does).
+
+    Raises MisalignedFileError (with the command to re-prepare) for files written before the aligned layout.
+    """
+    problem = layout_problem(directory)
+    if problem:
+        raise MisalignedFileError(
+            f"the int8 files in {directory} cannot be served without copying them: {problem}. Prepare them "
+            f"again: infra/prepare_model.py MODEL --format int8 --out {directory} --force"
+        )
     linears = json.loads((directory / QUANTIZATION_FILE).read_text())["linears"]
     model = build_skeleton(config, linears)
     tensors: dict[str, torch.Tensor] = {}
     for path in sorted(directory.glob("*.safetensors")):
-        with safe_open(path, framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
-                tensors[key] = handle.get_tensor(key)
-    return adopt(model, tensors)
+        tensors.update(load_aligned(path, ALIGNMENT))
+    model = adopt(model, tensors)
+    if (directory / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    return model
+
+
+def _dtype(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def _describe_head(head: nn.Module | None, embedding: nn.Module | None) -> str | None:
+    if head is None:
+        return None
+    bias = ", fp32 bias" if getattr(head, "bias", None) is not None else ""
+    if isinstance(head, Int8Linear):
+        return f"int8, as int8_linears{bias}"
+    if embedding is not None and head.weight is embedding.weight:
+        return f"tied to the {_dtype(head.weight)} embedding: F.linear in {_dtype(head.weight)}"
+    return f"{_dtype(head.weight)}: F.linear in {_dtype(head.weight)}{bias}"
+
+
+def kernels_in_use(model: nn.Module) -> dict[str, object]:
+    """Which kernels the loaded model runs, per kind of layer, for /health and the init log line."""
+    int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    dense = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    embedding = model.get_input_embeddings()
+    kernels: dict[str, object] = {}
+    if int8:
+        kernels["int8_linears"] = {
+            "count": len(int8),
+            "up_to_threshold": "torch._weight_int8pack_mm: int8 weights, bf16 per-row scales, bf16 activations",
+            "above_threshold": "weight de-quantized to fp32, fp32 GEMM",
+            "row_threshold": DECODE_ROWS,
+        }
+    if dense:
+        kernels["dense_linears"] = {"count": len(dense), "dtypes": sorted({_dtype(m.weight) for m in dense})}
+    kernels["lm_head"] = _describe_head(model.get_output_embeddings(), embedding)
+    if isinstance(embedding, Bf16Embedding):
+        kernels["embedding"] = "bf16 table, rows widened to fp32"
+    elif embedding is not None:
+        kernels["embedding"] = f"{_dtype(embedding.weight)} table"
+    operands = [t for m in int8 for t in (m.weight, m.scale)]
+    # The AVX-512 int8 kernel's assumption, checked on what was actually adopted (None: no int8 kernel).
+    kernels["int8_operands_64_byte_aligned"] = all(t.data_ptr() % ALIGNMENT == 0 for t in operands) if int8 else None
+    return kernels

@@ -99,14 +99,22 @@ class GenerateRequest(BaseModel):
 
 class Timings(BaseModel):
     time_to_first_token_ms: float = Field(description="From request to the first new token (includes the prompt).")
+    prompt_pass_ms: float = Field(description="The prompt's forward pass (all its chunks).")
     total_ms: float = Field(description="Whole generation.")
     tokens_per_second: float = Field(description="Decode speed after the first token, per sequence.")
+    deadline_ms: float = Field(
+        description="Time the request had when generation started, before `deadline_source` ends it."
+    )
 
 
 class Details(BaseModel):
     finish_reason: Literal["length", "eos_token", "stop_sequence", "time_limit"] = Field(
         description="length: max_new_tokens reached; eos_token: the model ended the text; "
-        "stop_sequence: a `stop` string was generated; time_limit: the time budget ran out."
+        "stop_sequence: a `stop` string was generated; time_limit: the deadline (`deadline_source`) came."
+    )
+    deadline_source: Literal["api_timeout", "invocation_timeout"] = Field(
+        description="Which limit set the deadline: api_timeout (API Gateway's integration timeout, counted from "
+        "when API Gateway received the request) or invocation_timeout (the Lambda invocation's remaining time)."
     )
     prompt_tokens: int
     generated_tokens: int
@@ -121,18 +129,23 @@ class GenerateResponse(BaseModel):
     details: Details | list[Details]
 
     @classmethod
-    def from_result(cls, result: GenerationResult, batched: bool) -> GenerateResponse:
+    def from_result(
+        cls, result: GenerationResult, batched: bool, deadline_source: str, deadline_s: float
+    ) -> GenerateResponse:
         timings = Timings(
             time_to_first_token_ms=round(result.time_to_first_token_s * 1000, 1),
+            prompt_pass_ms=round(result.prompt_pass_s * 1000, 1),
             total_ms=round(result.total_s * 1000, 1),
             tokens_per_second=round(result.tokens_per_second, 2),
+            deadline_ms=round(max(0.0, deadline_s) * 1000, 1),
         )
         details = [
             Details(
                 finish_reason=c.finish_reason,
+                deadline_source=deadline_source,
                 prompt_tokens=c.prompt_tokens,
                 generated_tokens=c.generated_tokens,
-                seed=result.seed,
+                seed=c.seed if c.seed is not None else result.seed,
                 timings=timings,
             )
             for c in result.completions
@@ -144,7 +157,10 @@ class GenerateResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: Literal["ok", "not_ready"]
+    status: Literal["ok", "loading", "not_ready"] = Field(
+        description="ok: serving; loading: a new execution environment is still loading the model (503, "
+        "Retry-After); not_ready: the model failed to load (503; the reason is in the init log line)."
+    )
     loaded: bool
     model_id: str | None = None
     dtype: str | None = None
@@ -152,6 +168,15 @@ class HealthResponse(BaseModel):
     load_seconds: float | None = None
     cold_start: bool = Field(description="True on the first invocation of this execution environment.")
     model: dict[str, object] = Field(default_factory=dict, description="The preparation manifest.")
+    cpu: dict[str, object] = Field(
+        default_factory=dict, description="The CPU's ISA (AVX2, AVX-512, VNNI, AMX) as the libraries use it."
+    )
+    kernels: dict[str, object] = Field(default_factory=dict, description="Which kernels the model runs.")
+    speeds: dict[str, object] = Field(
+        default_factory=dict,
+        description="The planner's measured speeds on this execution environment (prompt tokens per second, "
+        "seconds per decode step).",
+    )
 
 
 class ErrorResponse(BaseModel):

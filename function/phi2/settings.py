@@ -38,16 +38,24 @@ class Settings:
     """Directory written by `infra/prepare_model.py` (weights, tokenizer, manifest.json)."""
     dtype: str
     """`auto` serves the dtype the model was prepared in; `bfloat16`/`float32`/`float16` cast at load."""
-    generation_budget_s: float
-    """Wall-clock budget of one generation. API Gateway drops a request at 29 s, so keep it well under."""
+    api_timeout_s: float
+    """The timeout of the API Gateway integration in front of this function (`API_TIMEOUT_MS`, which the
+    template sets next to the integration's `timeoutInMillis`): a request's deadline counts from when API
+    Gateway received it. Default: API Gateway's 29 s."""
     deadline_margin_s: float
-    """Kept free before the Lambda timeout for serialising the response."""
+    """Kept free before every deadline for building and sending the response."""
     max_body_bytes: int
     """Requests with a larger body get 413 before any parsing."""
     num_threads: int | None
     """Torch intra-op threads; None sizes them to the vCPUs the process may use."""
     preload: bool
-    """Load the model at import (init phase). On by default inside a Lambda runtime, off in unit tests."""
+    """Start loading the model at import (init phase). On by default inside a Lambda runtime, off in unit tests."""
+    load_in_background: bool
+    """Load in a background thread so that init returns at once (on-demand environments, whose init phase is
+    limited to 10 s), or fully during init (provisioned concurrency, whose init may take much longer).
+    `MODEL_LOADING=background|init`; by default from AWS_LAMBDA_INITIALIZATION_TYPE."""
+    prompt_chunk_seconds: float
+    """Target duration of one chunk of the prompt pass: the deadline is checked between chunks."""
     warmup: bool
     """Run one short generation at load so the first request does not pay kernel initialisation."""
     verify_checksums: bool
@@ -59,11 +67,22 @@ class Settings:
     """Powertools service name: a key in every log line and a metrics dimension."""
     metrics_namespace: str
     """CloudWatch namespace of the EMF metrics."""
+    stream_base_url: str
+    """The base URL of the streaming API surface (`STREAM_BASE_URL`), named in the answer to `stream: true`
+    sent to this buffered surface; empty when not configured."""
 
 
 def _default_preload() -> bool:
     # Inside the Lambda runtime (real, or the RIE) this variable is always set.
     return bool(os.environ.get("AWS_LAMBDA_RUNTIME_API"))
+
+
+def _load_in_background() -> bool:
+    mode = os.environ.get("MODEL_LOADING", "auto").strip().lower()
+    if mode in ("background", "init"):
+        return mode == "background"
+    # Provisioned concurrency initialises ahead of traffic with a long init limit: load fully, warm included.
+    return os.environ.get("AWS_LAMBDA_INITIALIZATION_TYPE", "on-demand") != "provisioned-concurrency"
 
 
 @cache
@@ -72,14 +91,17 @@ def get_settings() -> Settings:
     return Settings(
         model_dir=Path(os.environ.get("MODEL_DIR", "/opt/model")),
         dtype=os.environ.get("MODEL_DTYPE", "auto").strip().lower() or "auto",
-        generation_budget_s=_float("GENERATION_BUDGET_SECONDS", 25.0),
+        api_timeout_s=_float("API_TIMEOUT_MS", 29_000.0) / 1000,
         deadline_margin_s=_float("DEADLINE_MARGIN_SECONDS", 1.5),
         max_body_bytes=_int("MAX_BODY_BYTES", 128 * 1024) or 128 * 1024,
         num_threads=_int("TORCH_NUM_THREADS", None),
         preload=_bool("PRELOAD_MODEL", _default_preload()),
+        load_in_background=_load_in_background(),
+        prompt_chunk_seconds=_float("PROMPT_CHUNK_SECONDS", 1.0),
         warmup=_bool("WARMUP", True),
         verify_checksums=_bool("VERIFY_CHECKSUMS", False),
         log_text=_bool("LOG_TEXT", False),
         service_name=os.environ.get("POWERTOOLS_SERVICE_NAME", "phi2-text-generation"),
         metrics_namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "Phi2TextGeneration"),
+        stream_base_url=os.environ.get("STREAM_BASE_URL", "").strip(),
     )

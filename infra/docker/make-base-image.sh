@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # make-base-image.sh TAG: build a local Debian bookworm + Python 3.11 image
 # (a base for a Python 3.11 Lambda container image) with no registry pull:
-# registries are unreachable here, the Debian mirror is not. Idempotent: an
+# registries are unreachable here, the Debian mirror this host's apt uses is
+# not (or DEBIAN_MIRROR: no mirror is built in). Idempotent: an
 # existing TAG is left alone; the rootfs is cached so a rebuild only re-imports
 # (delete $BASE_ROOTFS_CACHE to rebuild it, e.g. after changing PACKAGES).
 set -euo pipefail
@@ -47,7 +48,11 @@ apt_sources() {
 
 if [[ ! -x "$ROOTFS/usr/bin/python3.11" ]]; then
   MIRROR="${DEBIAN_MIRROR:-$(apt_sources | awk '$2 == "bookworm" { print $1; exit }')}"
-  MIRROR="${MIRROR:-http://deb.debian.org/debian}"
+  if [[ -z "$MIRROR" ]]; then
+    echo "make-base-image: this host's apt sources (/etc/apt/sources.list, /etc/apt/sources.list.d/) enable" \
+      "no 'bookworm' suite to bootstrap from: set DEBIAN_MIRROR to a Debian mirror URI this machine may use" >&2
+    exit 1
+  fi
   if ! command -v debootstrap >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
     apt-cache show debootstrap >/dev/null 2>&1 || apt-get update -q >&2

@@ -53,16 +53,19 @@ if [[ -s "$PID_FILE" ]]; then
   rm -f "$PID_FILE"
 fi
 
-# --bridge=none/--iptables=false/--ip6tables=false: leave the shared host's
-# network alone (no docker0, no NAT rules that outlive dockerd); containers and
-# builds use --network none or --network host (DOCKER_DEFAULT_BRIDGE: see above).
+# --bridge=none/--iptables=false/--ip6tables=false/--ip-masq=false/--ip-forward=false:
+# leave the shared host's network alone (no docker0, no NAT rules and no
+# net.ipv4.ip_forward=1 that outlive dockerd) and give containers no way out:
+# a bridge without NAT or forwarding reaches the host and nothing beyond
+# (tests/image checks it by inspection). Containers and builds use --network
+# none or --network host (DOCKER_DEFAULT_BRIDGE: see above).
 # setsid: outlive the caller's process group (a job runner may kill it when
 # this script returns).
 for driver in "${DRIVERS[@]}"; do
   setsid dockerd \
     --storage-driver="$driver" \
     --data-root="$DATA_ROOT" \
-    "${BRIDGE_ARGS[@]}" --iptables=false --ip6tables=false \
+    "${BRIDGE_ARGS[@]}" --iptables=false --ip6tables=false --ip-masq=false --ip-forward=false \
     --pidfile="$PID_FILE" \
     </dev/null >>"$LOG_FILE" 2>&1 9>&- &
   launched=$!

@@ -71,10 +71,28 @@ def test_every_variant_ran_every_round_in_its_own_process_with_positive_numbers(
 
 
 @pytest.mark.slow
-def test_the_avx2_variant_ran_with_onednn_limited_to_avx2_and_the_others_without(report):
+def test_the_avx2_variant_ran_with_every_library_capped_to_avx2_and_the_others_without(report):
+    avx2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
     for name, variant in report["variants"].items():
         isa = {run["onednn_max_cpu_isa"] for run in variant["runs"]}
         assert isa == ({"AVX2"} if name.endswith("+avx2") else {None})
+        for run in variant["runs"]:
+            assert run["isa_caps"] == (avx2 if name.endswith("+avx2") else dict.fromkeys(avx2))
+            if name.endswith("+avx2"):
+                # what the served code reads for any ISA-dependent choice: AVX2 on any host
+                assert run["cpu"]["effective_isa"] == "avx2" and run["cpu"]["aten"] == "avx2"
+
+
+@pytest.mark.slow
+def test_served_runs_record_the_cpu_and_the_kernels_that_ran(report):
+    for name, variant in report["variants"].items():
+        if variant["path"] != "served":
+            continue
+        for run in variant["runs"]:
+            assert {"hardware_isa", "effective_isa", "flags", "usable"} <= set(run["cpu"]), name
+            if variant["format"] == "int8":
+                assert "_weight_int8pack_mm" in run["kernels"]["int8_linears"]["up_to_threshold"]
+                assert run["kernels"]["int8_operands_64_byte_aligned"] is True
 
 
 @pytest.mark.slow

@@ -1,12 +1,21 @@
 """The Dockerfile's promises, read from the file itself (the image is built and run for real by
-`make image-test`): pinned base, CPU torch, layer order, non-root, offline, no secrets in layers."""
+`make image-test`): pinned base, CPU torch, layer order, non-root, offline, no secrets in layers, no
+package index of its own."""
 
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
 
-from deployables import ROOT, parse_dockerfile
+import pytest
+from deployables import DOCKERFILE, ROOT, parse_dockerfile
 
 PINNED_PYTHON_SLIM = re.compile(r"python:3\.11\.\d+-slim-bookworm@sha256:[0-9a-f]{64}")
 
@@ -50,8 +59,79 @@ def test_dependencies_are_the_pinned_runtime_requirements_with_cpu_torch():
     assert "-c /src/constraints.txt -r /src/requirements.txt" in install
     # AND torch comes from the PyTorch CPU index unless the builder points pip elsewhere
     assert "PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu" in deps.all("ARG")
-    assert "torch.version.cuda" in install
+    # AND torch is installed alone and checked before everything else (a CUDA build stops the build early)
+    alone, check, everything = (
+        install.index("pip install --quiet --no-deps -c /src/constraints.txt torch "),
+        install.index(cuda_check_code()),
+        install.index("-r /src/requirements.txt"),
+    )
+    assert alone < check < everything
     assert "awslambdaric" in (ROOT / "function" / "requirements.txt").read_text()
+
+
+def cuda_check_code() -> str:
+    """The Python code the deps stage runs on the freshly installed torch."""
+    (install,) = [run for run in parse_dockerfile().stage("deps").all("RUN") if "pip install" in run]
+    words = shlex.split(install)
+    at = next(i for i, word in enumerate(words) if word == "/opt/venv/bin/python" and words[i + 1] == "-c")
+    return words[at + 2]
+
+
+def fake_torch(root: Path, cuda: str | None) -> Path:
+    (root / "torch").mkdir(parents=True)
+    (root / "torch" / "__init__.py").write_text("raise ImportError('the check must not import torch')\n")
+    (root / "torch" / "version.py").write_text(
+        f"from typing import Optional\n__version__ = '2.13.0'\ncuda: Optional[str] = {cuda!r}\n"
+    )
+    return root
+
+
+@pytest.mark.parametrize("cuda", ["12.8", None])
+def test_a_cuda_torch_stops_the_build_with_the_build_arg_to_set(tmp_path, cuda):
+    # GIVEN a torch package of a CUDA or a CPU build, installed without its dependencies
+    site = fake_torch(tmp_path, cuda)
+    # WHEN the Dockerfile's check runs on it
+    done = subprocess.run(
+        [sys.executable, "-c", cuda_check_code()],
+        env={**os.environ, "PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode >= 0, f"killed by {signal.Signals(-done.returncode).name}"
+    if cuda:
+        # THEN a CUDA build fails it, naming the build argument that brings the CPU build
+        assert done.returncode == 1, done
+        assert "CUDA build (CUDA 12.8)" in done.stderr and "PIP_EXTRA_INDEX_URL" in done.stderr, done.stderr
+    else:
+        # AND a CPU build passes
+        assert done.returncode == 0, done.stderr
+
+
+def test_pip_finds_packages_where_the_builder_says_and_only_the_torch_cpu_index_is_named():
+    dockerfile = parse_dockerfile()
+    for stage in dockerfile.stages:
+        args = dict(arg.partition("=")[::2] for arg in stage.all("ARG"))
+        # THEN no stage names a package index of its own: pip's defaults, or the build args, decide
+        for name in ("PIP_INDEX_URL", "PIP_FIND_LINKS", "PIP_TRUSTED_HOST"):
+            assert not args.get(name), (stage.name, name, args[name])
+    # AND the only remote address in the Dockerfile is the PyTorch CPU index, the default that keeps CUDA out
+    assert remote_addresses(DOCKERFILE.read_text()) == {"https://download.pytorch.org/whl/cpu"}
+
+
+def test_the_image_harness_names_no_host():
+    # GIVEN the scripts and tests that build and run the image
+    files = [*(ROOT / "infra" / "docker").glob("*.sh"), *(ROOT / "tests" / "image").glob("*.py")]
+    assert files
+    for path in files:
+        # THEN none names a host to fetch from (they use the host's own configuration: pip's, apt's)
+        assert remote_addresses(path.read_text()) == set(), path
+
+
+def remote_addresses(text: str) -> set[str]:
+    """URLs with a literal host name other than the loopback's."""
+    found = re.findall(r"\b(?:https?|ftp)://[A-Za-z][^\s\"'`)]*", text)
+    return {url for url in found if urlsplit(url).hostname != "localhost"}
 
 
 def test_model_is_baked_by_the_projects_preparation_script_from_build_args():
@@ -72,6 +152,35 @@ def test_model_is_baked_by_the_projects_preparation_script_from_build_args():
     assert args["MODEL_FORMAT"] in prepare_model.FORMATS
     # AND the weights live outside /tmp, where the function reads them
     assert dockerfile.stage("runtime").env()["MODEL_DIR"] == "/opt/model"
+
+
+def test_the_weights_step_sees_only_the_code_that_writes_them_and_that_code_runs(tmp_path):
+    # GIVEN the files the build stage copies before it prepares the weights (the calibrate stage, later,
+    # gets the whole package)
+    build = parse_dockerfile().stage("build")
+    copied = [Path(part) for args in build.all("COPY") for part in shlex.split(args)[:-1]]
+    sources = [path for path in copied if path.suffix == ".py"]
+    assert Path("function") not in copied and Path("function/") not in copied
+    # WHEN just those files are laid out as in the image and the preparation script starts
+    for source in sources:
+        target = tmp_path / source
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((ROOT / source).read_bytes())
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "infra" / "prepare_model.py"), "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
+    # THEN everything it imports is there: editing the handler cannot invalidate the weights layer, and
+    # a module the preparation needs cannot be forgotten
+    assert result.returncode == 0, result.stderr[-2000:]
+    # AND the runtime adds the weights, then their calibration (a measurement, different on every build),
+    # both before the code
+    copies = runtime_copies()
+    calibration = index_of(copies, "/opt/model/calibration.json")
+    assert index_of(copies, "/opt/model") < calibration < index_of(copies, "/var/task")
+    assert copies[calibration].startswith("--from=calibrate ")
 
 
 def test_runtime_drops_root_then_runs_the_entry_script_offline():

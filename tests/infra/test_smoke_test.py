@@ -17,6 +17,7 @@ from conftest import LambdaContext, load_event
 from fakes import FakeGenerator
 from moto import mock_aws
 
+from phi2 import generator as generator_module
 from phi2 import handler
 
 STACK = "phi2-lambda"
@@ -85,7 +86,7 @@ def serving(api: StandInApi) -> Iterator[StandInApi]:
 @pytest.fixture
 def fake_model(monkeypatch) -> FakeGenerator:
     generator = FakeGenerator()
-    monkeypatch.setattr(handler, "get_generator", lambda: generator)
+    monkeypatch.setattr(generator_module, "get_generator", lambda wait_s=None: generator)
     return generator
 
 

@@ -13,7 +13,6 @@ from deployables import (
     ROOT,
     TEMPLATE,
     evaluate,
-    only,
     parameter_defaults,
     parse_dockerfile,
     resolve,
@@ -35,11 +34,13 @@ def cfn():
 
 
 def function_of(template: dict) -> dict:
-    return only(template, "AWS::Lambda::Function")
+    """The buffered function (the streaming one has tests of its own: test_template_streaming.py)."""
+    return template["Resources"]["GenerateFunction"]
 
 
 def api_paths(template: dict) -> dict:
-    return only(template, "AWS::ApiGateway::RestApi")["Properties"]["Body"]["paths"]
+    """The buffered API's routes."""
+    return template["Resources"]["Api"]["Properties"]["Body"]["paths"]
 
 
 def variables_settings_reads() -> set[str]:
@@ -65,7 +66,7 @@ def test_sam_translator_accepts_every_option(require_api_key, provisioned):
     # THEN it yields plain CloudFormation: one function, one REST API, no SAM types left
     assert not [r for r in cfn["Resources"].values() if r["Type"].startswith("AWS::Serverless::")]
     function_of(cfn)
-    only(cfn, "AWS::ApiGateway::RestApi")
+    assert cfn["Resources"]["Api"]["Type"] == "AWS::ApiGateway::RestApi"
 
 
 def test_function_is_an_image_with_memory_within_lambda_limit(cfn):
@@ -135,34 +136,51 @@ def test_rest_api_routes_are_the_handlers_routes_on_the_live_alias(cfn):
             # AND each is a Lambda proxy integration on the function's `live` alias
             assert integration["type"] == "aws_proxy" and integration["httpMethod"] == "POST"
             assert "${GenerateFunction.Arn}:live/invocations" in integration["uri"]["Fn::Sub"]
-    alias = only(cfn, "AWS::Lambda::Alias")["Properties"]
+    alias = cfn["Resources"]["GenerateFunctionAliaslive"]["Properties"]
     assert alias["Name"] == "live"
     # AND API Gateway may invoke that alias
-    permission = only(cfn, "AWS::Lambda::Permission")["Properties"]
+    permission = cfn["Resources"]["ApiInvokePermission"]["Properties"]
     assert permission["Principal"] == "apigateway.amazonaws.com"
-    assert permission["FunctionName"] == {"Ref": next(iter(resources_of_type(cfn, "AWS::Lambda::Alias")))}
+    assert permission["FunctionName"] == {"Ref": "GenerateFunctionAliaslive"}
 
 
-def test_generation_budget_ends_before_api_gateway_cuts_the_request(cfn):
+def test_the_function_reads_its_budget_from_the_integration_timeout_it_sits_behind(cfn):
     parameters = template_source()["Parameters"]
-    budget = parameters["GenerationBudgetSeconds"]
+    timeout = parameters["ApiTimeoutMillis"]
     environment = function_of(cfn)["Properties"]["Environment"]["Variables"]
     # GIVEN every route's integration timeout
-    timeouts = {
+    timeouts = [
         operation["x-amazon-apigateway-integration"]["timeoutInMillis"]
         for methods in api_paths(cfn).values()
         for operation in methods.values()
-    }
-    # THEN it is API Gateway's 29 s maximum
-    assert timeouts == {API_GATEWAY_MAX_INTEGRATION_MS}
-    # AND the generation budget (default and largest allowed) plus the response margin ends before it
-    margin_ms = float(environment["DEADLINE_MARGIN_SECONDS"]) * 1000
-    assert budget["Default"] * 1000 + margin_ms < API_GATEWAY_MAX_INTEGRATION_MS
-    assert budget["MaxValue"] * 1000 + margin_ms < API_GATEWAY_MAX_INTEGRATION_MS
-    # AND the function reads the budget from the parameter
-    assert environment["GENERATION_BUDGET_SECONDS"] == {"Ref": "GenerationBudgetSeconds"}
-    # AND the Lambda timeout never cuts a generation the budget allows
-    assert parameters["Timeout"]["MinValue"] > budget["MaxValue"] + float(environment["DEADLINE_MARGIN_SECONDS"])
+    ]
+    # THEN it is the one parameter, API Gateway's default 29 s maximum unless a deployer raises it
+    assert {str(t) for t in timeouts} == {str({"Ref": "ApiTimeoutMillis"})}
+    assert timeout["Default"] == API_GATEWAY_MAX_INTEGRATION_MS
+    # AND the function reads the very same value as its budget, so the two cannot drift apart
+    assert environment["API_TIMEOUT_MS"] == {"Ref": "ApiTimeoutMillis"}
+    # AND the default function timeout leaves the default API budget whole
+    assert parameters["Timeout"]["Default"] * 1000 > timeout["Default"]
+
+
+def test_safe_defaults_api_keys_on_memory_that_fits_the_model_no_reserved_concurrency():
+    parameters = template_source()["Parameters"]
+    # THEN the API needs a key unless the deployer turns it off
+    assert parameters["RequireApiKey"]["Default"] == "true"
+    # AND the memory can never be set below what the int8 Phi-2 needs at its peak (~3.6 GB)
+    assert parameters["MemorySize"]["MinValue"] * 2**20 >= 3.6e9
+    # AND no concurrency is reserved by default (accounts with a low quota cannot reserve any)
+    assert parameters["ReservedConcurrency"]["Default"] == 0
+
+
+@pytest.mark.parametrize(("reserved", "expected"), [(0, None), (4, "4")])
+def test_reserved_concurrency_only_when_asked(reserved, expected):
+    cfn = translate(ReservedConcurrency=reserved)
+    for function in resources_of_type(cfn, "AWS::Lambda::Function").values():
+        value = evaluate(
+            function["Properties"].get("ReservedConcurrentExecutions"), cfn, {"ReservedConcurrency": reserved}
+        )
+        assert (resolve(value, {"ReservedConcurrency": reserved}) if value is not None else None) == expected
 
 
 def test_environment_holds_only_variables_the_code_reads(cfn):
@@ -179,12 +197,13 @@ def test_environment_values_are_accepted_by_the_real_settings(cfn, monkeypatch):
     # GIVEN the function's environment with the parameters' defaults
     environment = function_of(cfn)["Properties"]["Environment"]["Variables"]
     for name, value in environment.items():
-        monkeypatch.setenv(name, resolve(value))
+        if isinstance(resolve(value), str):  # STREAM_BASE_URL is an Fn::Sub of the deployed API's id
+            monkeypatch.setenv(name, resolve(value))
     # WHEN the function reads its settings from it
     settings = get_settings.__wrapped__()
     # THEN each value parses to what the template means
     assert settings.model_dir == Path("/opt/model")
-    assert settings.generation_budget_s == float(parameter_defaults()["GenerationBudgetSeconds"])
+    assert settings.api_timeout_s * 1000 == float(parameter_defaults()["ApiTimeoutMillis"])
     assert settings.preload is True and settings.log_text is False
     assert settings.num_threads in (0, None)  # 0: size torch's threads to the vCPUs Lambda gives
 
@@ -200,7 +219,7 @@ def test_every_parameter_is_used():
 @pytest.mark.parametrize(("provisioned", "expected"), [(0, None), (3, 3)])
 def test_provisioned_concurrency_only_when_asked(provisioned, expected):
     cfn = translate(ProvisionedConcurrency=provisioned)
-    alias = only(cfn, "AWS::Lambda::Alias")["Properties"]
+    alias = cfn["Resources"]["GenerateFunctionAliaslive"]["Properties"]
     # WHEN CloudFormation evaluates the alias' provisioned concurrency for this parameter value
     config = evaluate(alias["ProvisionedConcurrencyConfig"], cfn, {"ProvisionedConcurrency": provisioned})
     # THEN there is none for 0, and exactly the asked number otherwise
@@ -226,12 +245,12 @@ def test_api_key_and_usage_plan_only_when_required(require):
     for kind in ("AWS::ApiGateway::ApiKey", "AWS::ApiGateway::UsagePlan", "AWS::ApiGateway::UsagePlanKey"):
         (resource,) = resources_of_type(cfn, kind).values()
         assert evaluate({"Condition": resource["Condition"]}, cfn, parameters) is required
-    body = only(cfn, "AWS::ApiGateway::RestApi")["Properties"]["Body"]
+    body = cfn["Resources"]["Api"]["Properties"]["Body"]
     assert body["components"]["securitySchemes"]["api_key"] == {"type": "apiKey", "name": "x-api-key", "in": "header"}
 
 
 def test_api_is_throttled_and_traced_and_function_traced(cfn):
-    stage = only(cfn, "AWS::ApiGateway::Stage")["Properties"]
+    stage = cfn["Resources"]["Apiv1Stage"]["Properties"]
     # THEN the stage throttles every method and traces with X-Ray
     (settings,) = stage["MethodSettings"]
     assert (settings["ResourcePath"], settings["HttpMethod"]) == ("/*", "*")
@@ -244,15 +263,17 @@ def test_api_is_throttled_and_traced_and_function_traced(cfn):
 
 def test_function_logs_json_to_a_log_group_with_retention(cfn):
     logging = function_of(cfn)["Properties"]["LoggingConfig"]
-    (name, group) = next(iter(resources_of_type(cfn, "AWS::Logs::LogGroup").items()))
+    name, group = "FunctionLogGroup", cfn["Resources"]["FunctionLogGroup"]
     # THEN the function logs JSON into the stack's own log group, which expires its logs
     assert logging["LogFormat"] == "JSON" and logging["LogGroup"] == {"Ref": name}
     assert group["Properties"]["RetentionInDays"] == {"Ref": "LogRetentionDays"}
     assert template_source()["Parameters"]["LogRetentionDays"]["Default"] == 30
+    # AND Lambda's platform.report record (init duration, max memory: what infra/probe.py reads) is kept
+    assert logging["SystemLogLevel"] == "INFO"
 
 
 def test_role_allows_only_logs_and_tracing(cfn):
-    role = only(cfn, "AWS::IAM::Role")["Properties"]
+    role = cfn["Resources"]["GenerateFunctionRole"]["Properties"]
     # THEN the execution role has Lambda's basic logging policy and X-Ray writes, nothing else
     assert sorted(role["ManagedPolicyArns"]) == [
         "arn:aws:iam::aws:policy/AWSXrayWriteOnlyAccess",
@@ -264,7 +285,7 @@ def test_role_allows_only_logs_and_tracing(cfn):
 
 def test_outputs_give_the_generate_url_function_arn_and_api_id(cfn):
     outputs = cfn["Outputs"]
-    stage = only(cfn, "AWS::ApiGateway::Stage")["Properties"]["StageName"]
+    stage = cfn["Resources"]["Apiv1Stage"]["Properties"]["StageName"]
     # THEN the outputs a user (and infra/smoke_test.py) needs are there
     assert {"GenerateUrl", "FunctionArn", "ApiId"} <= set(outputs)
     url = outputs["GenerateUrl"]["Value"]["Fn::Sub"]
@@ -274,3 +295,41 @@ def test_outputs_give_the_generate_url_function_arn_and_api_id(cfn):
     assert outputs["ApiId"]["Value"] == {"Ref": "Api"}
     # AND the API key's id only exists when a key does
     assert outputs["ApiKeyId"]["Condition"] == "ApiKeyRequired"
+
+
+OPENAI_ROUTES = {"/chat/completions": "post", "/completions": "post", "/models": "get", "/models/{model+}": "get"}
+
+
+@pytest.mark.parametrize("require", ["true", "false"])
+def test_openai_routes_sit_at_the_api_root_with_the_key_and_timeout_of_generate(require):
+    from phi2.openai_api.routes import ROUTES
+
+    # GIVEN the translated template, with and without API keys
+    cfn = translate(RequireApiKey=require)
+    parameters = {"RequireApiKey": require}
+    paths = api_paths(cfn)
+    generate = paths["/generate"]["post"]
+    # THEN every OpenAI route the function serves is declared, with its method
+    assert {path: method.upper() for path, method in OPENAI_ROUTES.items()} == ROUTES
+    for path, method in OPENAI_ROUTES.items():
+        operation = paths[path][method]
+        integration = operation["x-amazon-apigateway-integration"]
+        # AND it is the same proxy integration as /generate: the live alias, the same timeout
+        assert integration == generate["x-amazon-apigateway-integration"]
+        # AND it requires the API key exactly when /generate does
+        security = evaluate(operation.get("security"), cfn, parameters)
+        assert security == evaluate(generate.get("security"), cfn, parameters)
+        assert bool(security) is (require == "true")
+    # AND a model id with a slash reaches the function: the path variable is greedy and declared
+    (parameter,) = paths["/models/{model+}"]["get"]["parameters"]
+    assert (parameter["name"], parameter["in"], parameter["required"]) == ("model", "path", True)
+
+
+def test_openai_base_url_output_is_the_stage_url_the_sdk_takes(cfn):
+    outputs = cfn["Outputs"]
+    stage = template_source()["Resources"]["Api"]["Properties"]["StageName"]
+    url = outputs["OpenAIBaseUrl"]["Value"]["Fn::Sub"]
+    # THEN it is the stage's root, so base_url + "/chat/completions" is a route (no /v1/v1)
+    assert url == "https://${Api}.execute-api.${AWS::Region}.${AWS::URLSuffix}/" + stage
+    assert stage == "v1"
+    assert outputs["GenerateUrl"]["Value"]["Fn::Sub"] == url + "/generate"  # /generate's URL is unchanged

@@ -10,7 +10,9 @@ A file holds `description`, `expect`, and one way to build the invoke payload:
 - `payload` / `payload_base64`: raw invoke bytes that are not a JSON event at all.
 
 `expect` is {"status", "error", "mentions": [...]} (a 4xx error whose message names the problem), {"status":
-200}, or {"runtime_error": "Runtime.UnmarshalError"} (the Lambda runtime rejects the payload itself).
+200}, or {"runtime_error": "Runtime.UnmarshalError"} (the Lambda runtime rejects the payload itself). On the
+OpenAI routes it is {"status", "openai": {"type", "code", "param"}, "mentions": [...]}: OpenAI's error shape,
+with the request id in the x-request-id header ({"status": 200, "openai": null}: a served OpenAI request).
 
 To send one by hand:  python tests/reliability/hostile.py rest-body-json-array | curl --data-binary @- <invoke url>
 """
@@ -21,7 +23,7 @@ import base64
 import copy
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -86,16 +88,38 @@ class Outcome:
     status: int | None  # HTTP status (API Gateway proxy response or direct error object); None: runtime error
     body: dict[str, Any] | None
     runtime_error: str | None
+    headers: dict[str, str] = field(default_factory=dict)  # lower-case names
+
+
+def _headers(response: dict[str, Any]) -> dict[str, str]:
+    headers = {name.lower(): values[-1] for name, values in (response.get("multiValueHeaders") or {}).items()}
+    headers.update({name.lower(): value for name, value in (response.get("headers") or {}).items()})
+    return headers
 
 
 def outcome(response: Any) -> Outcome:
     if isinstance(response, dict) and "errorType" in response:
         return Outcome(None, None, response["errorType"])
     if isinstance(response, dict) and "statusCode" in response:
-        return Outcome(response["statusCode"], json.loads(response["body"]), None)
+        return Outcome(response["statusCode"], json.loads(response["body"]), None, _headers(response))
     if isinstance(response, dict) and "status_code" in response:
         return Outcome(response["status_code"], response, None)
     return Outcome(200, response, None)
+
+
+def assert_openai_answer(got: Outcome, expect: dict[str, Any]) -> None:
+    """An answer on the OpenAI routes is what `expect` says, in OpenAI's shape."""
+    assert got.status == expect["status"], got
+    if expect["status"] == 200:
+        assert got.body["choices"] and got.body["object"] in ("chat.completion", "text_completion"), got.body
+        return
+    assert set(got.body) == {"error"}, got.body
+    error = got.body["error"]
+    assert {key: error[key] for key in ("type", "code", "param")} == expect["openai"], error
+    assert got.headers.get("x-request-id"), got.headers
+    for mention in expect.get("mentions", []):
+        assert mention in error["message"], (mention, error["message"])
+    assert len(error["message"]) < 2000  # input is named, not echoed back in bulk
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import json
 
 import pytest
 from conftest import ROOT, load_event
-from hostile import CATALOGUE, load, names, outcome
+from hostile import CATALOGUE, assert_openai_answer, load, names, outcome
 from rie import RieServer, api_body
 from runtime_process import runtime_pid
 
@@ -61,6 +61,8 @@ def test_hostile_event_gets_its_expected_answer_and_the_runtime_keeps_serving(se
     if "runtime_error" in expect:
         assert got.runtime_error == expect["runtime_error"], raw
         assert raw["stackTrace"] == []
+    elif "openai" in expect:
+        assert_openai_answer(got, expect)
     else:
         assert got.status == expect["status"], f"{case.description}\n{raw}"
         if expect["status"] == 200:

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from phi2 import generator as generator_module
 from phi2 import handler
 from phi2.schemas import MAX_NEW_TOKENS, MAX_PROMPTS, MAX_STOP_SEQUENCES, GenerateRequest
 
@@ -53,7 +54,7 @@ good_values = {
 def fake_generator():
     with pytest.MonkeyPatch.context() as patch:
         generator = FakeGenerator()
-        patch.setattr(handler, "get_generator", lambda: generator)
+        patch.setattr(generator_module, "get_generator", lambda wait_s=None: generator)
         yield generator
 
 

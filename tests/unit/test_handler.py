@@ -11,13 +11,14 @@ import pytest
 from conftest import ROOT, LambdaContext, load_event
 from fakes import FakeGenerator
 
-from phi2 import errors, handler
+from phi2 import errors, handler, serving
+from phi2 import generator as generator_module
 
 
 @pytest.fixture
 def fake(monkeypatch) -> FakeGenerator:
     generator = FakeGenerator()
-    monkeypatch.setattr(handler, "get_generator", lambda: generator)
+    monkeypatch.setattr(generator_module, "get_generator", lambda wait_s=None: generator)
     return generator
 
 
@@ -184,10 +185,10 @@ def test_unexpected_failure_is_a_generic_500_and_the_next_request_works(fake):
 
 
 def test_model_not_ready_is_503(monkeypatch):
-    def not_ready():
+    def not_ready(wait_s=None):
         raise errors.ModelNotReady("the model failed to load")
 
-    monkeypatch.setattr(handler, "get_generator", not_ready)
+    monkeypatch.setattr(generator_module, "get_generator", not_ready)
     response = invoke(load_event("rest-generate-seed-prompt"))
     assert response["statusCode"] == 503
     health = invoke(load_event("rest-health"))
@@ -236,7 +237,8 @@ def test_prompts_and_generated_text_are_not_logged_by_default(fake, caplog):
 
 
 def test_prompts_are_logged_only_when_enabled(fake, caplog, monkeypatch):
-    monkeypatch.setattr(handler, "settings", dataclasses.replace(handler.settings, log_text=True))
+    logging_text = dataclasses.replace(handler.settings, log_text=True)
+    monkeypatch.setattr(serving, "get_settings", lambda: logging_text)
     event = load_event("rest-generate-seed-prompt")
     invoke(event)
     assert json.loads(event["body"])["prompt"] in _logged(caplog)

@@ -9,13 +9,17 @@ import prepare_model
 import pytest
 
 from phi2.model_files import read_manifest, sha256_of
+from phi2.planner import CALIBRATION_FILE, Calibration
 
 
-def test_manifest_records_source_dtype_and_the_sha256_of_every_file(tiny_phi_dir):
+def test_manifest_records_source_dtype_and_the_sha256_of_every_file_but_the_calibration(tiny_phi_dir):
     manifest = read_manifest(tiny_phi_dir)
     assert (manifest.model_id, manifest.source, manifest.dtype) == ("tiny-random-phi", "random", "float32")
     on_disk = {p.name for p in tiny_phi_dir.iterdir()} - {"manifest.json"}
-    assert set(manifest.files) == on_disk
+    # THEN every file of the model is listed; the calibration is a measurement of the preparing machine,
+    # different every time, so it stays out (the weights, and the image layer holding them, do not change)
+    assert CALIBRATION_FILE in on_disk and Calibration.read(tiny_phi_dir) is not None
+    assert set(manifest.files) == on_disk - {CALIBRATION_FILE}
     assert not any(name.endswith((".bin", ".pt", ".pth")) for name in on_disk)  # safetensors only
     for name, meta in manifest.files.items():
         assert sha256_of(tiny_phi_dir / name) == meta["sha256"]

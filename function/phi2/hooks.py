@@ -1,0 +1,195 @@
+"""How the engine steers transformers' `generate` loop, one `generate` call at a time.
+
+- `Steps`, a stopping criterion called after every new token: it turns each row's token into text
+  (detokenizer.TextStream), records its log-probability, ends rows (end-of-text, a stop string,
+  max_new_tokens), ends the batch before the next step would miss the deadline, and hands the step's
+  events to the caller, which may cancel (a streaming client that left);
+- `Passes`, forward hooks on the model: they time every pass for the planner and the timings, stop the
+  prompt pass between chunks when the rest can no longer make the deadline (planner.check_rest), and
+  collect the prompt's log-probabilities when asked.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import StoppingCriteria
+
+from .detokenizer import TextStream
+from .generator import FinishReason, GenerationParams, OnStep, StepEvent, TokenLogprob
+from .planner import PassSample, Plan, Planner
+from .sampling import LogprobRecorder
+
+
+@dataclass
+class Row:
+    """One row's generation state."""
+
+    stream: TextStream
+    finish: FinishReason | None = None
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class Passes:
+    """Forward hooks on the model for one `generate` call: time every pass (for the planner and the
+    timings), stop the prompt pass between chunks when the rest cannot make the deadline, and collect
+    prompt log-probabilities when asked."""
+
+    def __init__(self, planner: Planner, plan: Plan, deadline: float, input_ids, prompt_k: int | None):
+        self.planner = planner
+        self.plan = plan
+        self.deadline = deadline
+        self.input_ids = input_ids
+        self.prompt_k = prompt_k
+        self.done = 0  # prompt tokens (per row) already read
+        self.prefill_s = 0.0
+        self.chunks = 0
+        self.samples: list[PassSample] = []
+        self._began = 0.0
+        self._shape = (0, 0, 0)
+        width = input_ids.shape[1]
+        self.prompt_logprobs = torch.zeros(input_ids.shape) if prompt_k is not None else None
+        self.prompt_top: list[list[tuple[tuple[int, float], ...]]] = (
+            [[() for _ in range(width)] for _ in range(input_ids.shape[0])] if prompt_k else []
+        )
+
+    @property
+    def in_prompt(self) -> bool:
+        return self.done < self.plan.width
+
+    def before(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids")
+        if ids is None and args:
+            ids = args[0]
+        tokens = ids.shape[1] if ids is not None else 1
+        if self.in_prompt and self.done > 0:
+            self.planner.check_rest(self.plan, self.done, self.deadline - time.monotonic())
+        start = self.done if self.in_prompt else self.plan.width
+        self._shape = (ids.shape[0] if ids is not None else self.plan.batch, start, tokens)
+        self._began = time.monotonic()
+
+    def after(self, module, args, kwargs, output) -> None:
+        seconds = time.monotonic() - self._began
+        batch, start, tokens = self._shape
+        sample = PassSample(batch=batch, start=start, tokens=tokens, seconds=seconds)
+        self.samples.append(sample)
+        self.planner.learn(sample)
+        if self.in_prompt:
+            if self.prompt_logprobs is not None:
+                self._record_prompt(output.logits, start, tokens)
+            self.done += tokens
+            self.prefill_s += seconds
+            self.chunks += 1
+
+    def _record_prompt(self, logits: torch.Tensor, start: int, tokens: int) -> None:
+        """Log-probabilities of the next prompt token at each position of this chunk."""
+        width = self.plan.width
+        end = min(start + tokens, width - 1)  # the last prompt position predicts the first new token
+        if end <= start:
+            return
+        logprobs = torch.log_softmax(logits[:, : end - start].float(), dim=-1)
+        targets = self.input_ids[:, start + 1 : end + 1]
+        self.prompt_logprobs[:, start + 1 : end + 1] = logprobs.gather(-1, targets[..., None])[..., 0]
+        if self.prompt_k:
+            values, indices = logprobs.topk(self.prompt_k, dim=-1)
+            for row in range(logprobs.shape[0]):
+                for offset in range(end - start):
+                    self.prompt_top[row][start + 1 + offset] = tuple(
+                        zip(indices[row, offset].tolist(), values[row, offset].tolist(), strict=True)
+                    )
+
+
+class Steps(StoppingCriteria):
+    """Called by `generate` after every new token: turns each row's token into text and a StepEvent, ends
+    rows (end-of-text, stop string, max_new_tokens), ends the batch before the deadline would be missed,
+    and hands the events to the caller (which may cancel)."""
+
+    def __init__(
+        self,
+        planner: Planner,
+        eos_ids: list[int],
+        rows: list[Row],
+        params: GenerationParams,
+        deadline: float,
+        start: float,
+        recorder: LogprobRecorder | None,
+        on_step: OnStep | None,
+    ):
+        self.planner = planner
+        self.eos_ids = eos_ids
+        self.rows = rows
+        self.params = params
+        self.deadline = deadline
+        self.start = start
+        self.recorder = recorder
+        self.on_step = on_step
+        self.first_token_at: float | None = None
+        self.last_token_at = start
+        self.steps = 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        now = time.monotonic()
+        self.steps += 1
+        self.last_token_at = now
+        if self.first_token_at is None:
+            self.first_token_at = now
+        new = input_ids[:, -1].tolist()
+        events: list[StepEvent] = []
+        for index, (row, token) in enumerate(zip(self.rows, new, strict=True)):
+            if row.finish is not None:
+                continue
+            if token in self.eos_ids:
+                row.finish = "eos_token"
+                events.append(StepEvent(index, None, row.stream.finish(), finish_reason="eos_token"))
+                continue
+            logprob = self._logprob(index, token)
+            row.ids.append(token)
+            if logprob is not None:
+                row.logprobs.append(logprob)
+            text = row.stream.push(token)
+            if row.stream.stopped:
+                row.finish = "stop_sequence"
+            elif len(row.ids) >= self.params.max_new_tokens:
+                row.finish = "length"
+                text += row.stream.finish()
+            events.append(StepEvent(index, token, text, logprob, row.finish))
+        # Decode steps take about the same time each: end if the next one would end past the deadline.
+        per_step = (
+            (now - self.first_token_at) / (self.steps - 1)
+            if self.steps > 1
+            else self.planner.decode_step_s(len(self.rows))
+        )
+        if now + per_step >= self.deadline:
+            self._end_all("time_limit", events)
+        if self.on_step is not None and events and not self.on_step(events):
+            self._end_all("cancelled", [])
+        return torch.tensor([row.finish is not None for row in self.rows], dtype=torch.bool)
+
+    def _end_all(self, reason: FinishReason, events: list[StepEvent]) -> None:
+        """End every unfinished row; its event of this step (if any) becomes its last one."""
+        latest = {event.row: position for position, event in enumerate(events)}
+        for index, row in enumerate(self.rows):
+            if row.finish is None:
+                row.finish = reason
+                flushed = row.stream.finish()
+                if reason == "cancelled":
+                    continue
+                if index in latest:
+                    old = events[latest[index]]
+                    events[latest[index]] = StepEvent(index, old.token_id, old.text + flushed, old.logprob, reason)
+                else:
+                    events.append(StepEvent(index, None, flushed, finish_reason=reason))
+
+    def _logprob(self, row: int, token: int) -> TokenLogprob | None:
+        if self.recorder is None or self.recorder.latest is None:
+            return None
+        logprobs = self.recorder.latest[row]
+        k = self.params.logprobs or 0
+        top: tuple[tuple[int, float], ...] = ()
+        if k:
+            values, indices = logprobs.topk(k)
+            top = tuple(zip(indices.tolist(), values.tolist(), strict=True))
+        return TokenLogprob(token_id=token, logprob=float(logprobs[token]), top=top)

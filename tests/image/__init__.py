@@ -1,0 +1,1 @@
+"""The container image test (make image-test); see conftest.py."""

@@ -1,0 +1,158 @@
+"""The planner's arithmetic (no model), then its decisions on a real model whose speed it measured."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from phi2.errors import PromptTooLongForDeadline
+from phi2.generator import GenerationParams
+from phi2.hf_generator import TransformersGenerator
+from phi2.planner import WORST_VS_BEST, Calibration, CostModel, PassSample, Planner
+
+# A model that reads 100 prompt tokens a second and takes 50 ms per pass, attention not counted.
+COST = CostModel(fixed_s=0.05, per_row_s=0.01, per_row_ctx_s=0.0)
+
+
+def planner(chunk_seconds: float = 1.0) -> Planner:
+    return Planner(context_length=2048, attention_ratio=0.0, chunk_seconds=chunk_seconds, cost=COST)
+
+
+def test_cost_model_fits_timed_passes_exactly_when_they_follow_it():
+    truth = CostModel(fixed_s=0.2, per_row_s=0.003, per_row_ctx_s=0.003 * 1e-4)
+    samples = [PassSample(1, 0, 1, truth.seconds(1, 0, 1))]
+    samples += [PassSample(b, s, t, truth.seconds(b, s, t)) for b, s, t in [(1, 0, 64), (1, 0, 256), (4, 64, 128)]]
+    fitted = CostModel.fit(samples, attention_ratio=1e-4)
+    for shape in [(1, 0, 32), (2, 512, 256), (8, 0, 1024)]:
+        assert fitted.seconds(*shape) == pytest.approx(truth.seconds(*shape), rel=1e-6)
+
+
+def test_chunks_take_about_the_chunk_time_in_whole_rows():
+    # 1 s of work at 10 ms per row, less the 50 ms per pass: 95 rows
+    assert planner().chunk_tokens(batch=1) == 95
+    assert planner().chunk_tokens(batch=4) == 95 // 4
+
+
+def test_admission_refuses_what_cannot_be_read_in_time_and_names_what_would_fit():
+    # GIVEN 3 s left and a prompt of 500 tokens (about 5.3 s with its chunks)
+    with pytest.raises(PromptTooLongForDeadline) as refused:
+        planner().admit(batch=1, width=500, available_s=3.0)
+    error = refused.value
+    # THEN it is refused with the largest prompt whose estimate fits 3 s
+    largest = error.largest_prompt_tokens
+    assert planner().prompt_seconds(1, largest) <= 3.0 < planner().prompt_seconds(1, largest + 1)
+    assert error.status_code == 422 and f"{largest} tokens" in error.message
+    # AND that prompt is admitted
+    assert planner().admit(batch=1, width=largest, available_s=3.0).width == largest
+
+
+def test_a_batch_shrinks_the_largest_prompt():
+    assert planner().largest_prompt(batch=8, available_s=5.0) < planner().largest_prompt(batch=1, available_s=5.0) / 4
+
+
+def test_admission_does_not_refuse_a_prompt_that_takes_half_the_time():
+    p = planner()
+    for width in (10, 100, 1000):
+        p.admit(batch=1, width=width, available_s=2 * p.prompt_seconds(1, width))
+
+
+def test_a_burst_of_slow_passes_does_not_make_admission_refuse_what_fits_at_the_best_speed():
+    # GIVEN a planner that has just seen ten passes 10x slower than its best
+    p = planner()
+    for _ in range(10):
+        p.learn(PassSample(1, 0, 64, 10 * COST.seconds(1, 0, 64)))
+    assert p.estimate_pass(1, 0, 64) > 5 * COST.seconds(1, 0, 64)  # the current estimate follows the noise
+    # THEN a prompt taking half the time left at the best speed seen (in the chunks it would now use) is admitted
+    best = planner().prompt_seconds(1, 500, chunk=p.chunk_tokens(1))
+    p.admit(batch=1, width=500, available_s=WORST_VS_BEST * best)
+    # AND one that cannot make it even at the best speed is refused
+    with pytest.raises(PromptTooLongForDeadline):
+        p.admit(batch=1, width=500, available_s=0.9 * best)
+
+
+def test_between_chunks_a_slower_than_estimated_pass_gives_up_early():
+    # GIVEN an admitted plan, then chunks that run 3x slower than estimated
+    p = planner()
+    plan = p.admit(batch=1, width=400, available_s=6.0)
+    for _ in range(2):
+        p.learn(PassSample(1, 0, plan.chunk_tokens, 3 * COST.seconds(1, 0, plan.chunk_tokens)))
+    # WHEN the rest is checked with the time that is left
+    with pytest.raises(PromptTooLongForDeadline):
+        p.check_rest(plan, done=2 * plan.chunk_tokens, available_s=6.0 - 2 * 3 * 0.95)
+
+
+def test_warm_up_rescales_the_calibrated_speeds_to_this_cpu():
+    p = planner()
+    p.rescale(PassSample(1, 0, 32, 2 * COST.seconds(1, 0, 32)))
+    assert p.estimate_pass(1, 0, 100) == pytest.approx(2 * COST.seconds(1, 0, 100))
+
+
+def test_calibration_round_trips_and_a_foreign_file_is_ignored(tmp_path):
+    calibration = Calibration(samples=[PassSample(1, 0, 32, 0.5)], threads=2, cpu={"isa": "avx2"})
+    calibration.save(tmp_path)
+    assert Calibration.read(tmp_path) == calibration
+    (tmp_path / "calibration.json").write_text('{"version": 99}')
+    assert Calibration.read(tmp_path) is None
+
+
+# -- on a real model ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_dir) -> TransformersGenerator:
+    # warmup=True: the generator times a short pass, as it does at every cold start
+    return TransformersGenerator.load(smollm2_dir, warmup=True, chunk_seconds=0.25)
+
+
+def test_warm_up_measures_speeds_on_this_cpu(smol):
+    speeds = smol.planner.describe()
+    assert speeds["calibrated"] is True
+    assert speeds["prompt_tokens_per_second"] > 0 and speeds["decode_step_seconds"] > 0
+
+
+def test_a_prompt_that_cannot_be_read_in_time_is_refused_before_any_compute(smol):
+    # GIVEN a prompt the measured speed says takes several times the time left
+    prompt = "word " * 1500
+    available = smol.planner.prompt_seconds(1, 1500) / 4
+    smol.last_passes = []
+    # WHEN it is asked for
+    started = time.monotonic()
+    with pytest.raises(PromptTooLongForDeadline) as refused:
+        smol.generate([prompt], GenerationParams(max_new_tokens=4), time.monotonic() + available)
+    # THEN it is refused at once: no forward pass ran, and the answer names a smaller prompt that fits
+    assert smol.last_passes == []
+    assert time.monotonic() - started < available
+    assert 0 < refused.value.largest_prompt_tokens < 1500
+
+
+def test_a_prompt_pass_that_turns_out_slower_stops_between_chunks(smol):
+    # GIVEN a request admitted on the measured speed, then a CPU that becomes 4x slower mid-prompt
+    prompt = "word " * 1200
+    tokens = smol.count_tokens(prompt)
+    estimate = smol.planner.prompt_seconds(1, tokens)
+    chunk_s = smol.planner.estimate_pass(1, 0, smol.planner.chunk_tokens(1))
+    slow = {"on": False}
+
+    def slower(module, args, kwargs, output):
+        if slow["on"]:
+            time.sleep(3 * (time.monotonic() - began[0]))
+
+    began = [0.0]
+    pre = smol.model.register_forward_pre_hook(lambda *a, **k: began.__setitem__(0, time.monotonic()))
+    post = smol.model.register_forward_hook(slower, with_kwargs=True)
+    try:
+        slow["on"] = True
+        budget = 2.0 * estimate
+        started = time.monotonic()
+        # WHEN it runs
+        with pytest.raises(PromptTooLongForDeadline):
+            smol.generate([prompt], GenerationParams(max_new_tokens=4), started + budget)
+        elapsed = time.monotonic() - started
+    finally:
+        slow["on"] = False
+        pre.remove()
+        post.remove()
+    # THEN it gave up between chunks, before the deadline plus one (slowed) chunk
+    assert len([s for s in smol.last_passes if s.tokens > 1]) < -(-tokens // smol.planner.chunk_tokens(1))
+    assert elapsed < budget + 4 * chunk_s + 0.5
