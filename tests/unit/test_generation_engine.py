@@ -4,10 +4,12 @@ cancellation and the chunked prompt pass (tiny Phi-2 with Phi-2's tokenizer, and
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from phi2 import quantization
 from phi2.generator import GenerationParams
 from phi2.hf_generator import TransformersGenerator
 
@@ -173,3 +175,29 @@ def test_chunked_prompt_pass_gives_the_same_greedy_tokens(smol, chunked, chunk):
     assert [c.token_ids for c in pieces.completions] == [c.token_ids for c in whole.completions]
     for a, b in zip(whole.completions, pieces.completions, strict=True):
         assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 1e-3
+
+
+@pytest.fixture(scope="module")
+def smol_int8(smollm2_int8_dir) -> TransformersGenerator:
+    return TransformersGenerator.load(smollm2_int8_dir, warmup=False)
+
+
+def test_int8_chunked_prompt_pass_agrees_with_the_whole_pass_teacher_forced(smol_int8, chunked):
+    # GIVEN SmolLM2 in the int8 format, whose kernel depends on the rows of a pass (up to DECODE_ROWS: int8 x
+    # bf16 activations; above: the weight de-quantized to fp32), and a prompt longer than DECODE_ROWS
+    text = (Path(__file__).resolve().parents[2] / "infra" / "bench" / "quality_text.txt").read_text()
+    params = GenerationParams(max_new_tokens=1, do_sample=False, logprobs=1, prompt_logprobs=True)
+    chunk = 32
+    chunked(smol_int8, 4096)
+    whole = smol_int8.generate([text], params, later())
+    prompt_tokens = whole.completions[0].prompt_tokens
+    assert chunk <= quantization.DECODE_ROWS < prompt_tokens, "the two passes must run different kernels"
+    # WHEN the same prompt is read in chunks that reuse the KV cache
+    chunked(smol_int8, chunk)
+    pieces = smol_int8.generate([text], params, later())
+    assert whole.prompt_chunks == 1 and pieces.prompt_chunks == -(-prompt_tokens // chunk)
+    # THEN at every position the model's most likely next token is the same in at least 99 % of positions
+    best = [[lp.top[0][0] for lp in r.completions[0].prompt_logprobs[1:]] for r in (whole, pieces)]
+    assert len(best[0]) == prompt_tokens - 1
+    agreement = sum(a == b for a, b in zip(*best, strict=True)) / len(best[0])
+    assert agreement >= 0.99, f"teacher-forced agreement {agreement:.4f} over {len(best[0])} positions"
