@@ -35,7 +35,7 @@ def chunked(monkeypatch):
     """Force the prompt pass into chunks of `tokens` tokens per row."""
 
     def force(generator: TransformersGenerator, tokens: int) -> None:
-        monkeypatch.setattr(generator.planner, "chunk_tokens", lambda batch: tokens)
+        monkeypatch.setattr(generator.planner, "chunk_tokens", lambda batch, seconds=None: tokens)
 
     return force
 

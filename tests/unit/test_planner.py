@@ -71,6 +71,21 @@ def test_a_burst_of_slow_passes_does_not_make_admission_refuse_what_fits_at_the_
         p.admit(batch=1, width=500, available_s=0.9 * best)
 
 
+def test_chunks_stay_small_when_time_is_short_and_grow_to_a_quarter_of_the_time_to_spare():
+    p = planner()
+    # GIVEN little time to spare (400 tokens, about 4.3 s in 1 s chunks, with 6 s left): 1 s chunks
+    assert p.admit(batch=1, width=400, available_s=6.0).chunk_tokens == p.chunk_tokens(1) == 95
+    # GIVEN plenty: the whole prompt in one pass (every chunk reads every weight once more)
+    assert p.admit(batch=1, width=400, available_s=100.0).chunks == 1
+    # GIVEN some: chunks of a quarter of the spare time
+    small_chunks = p.prompt_seconds(1, 1000)
+    plan = p.admit(batch=1, width=1000, available_s=18.0)
+    assert plan.chunk_tokens == int((0.25 * (18.0 - small_chunks) - COST.fixed_s) / COST.per_row_s)
+    assert plan.estimated_s < small_chunks
+    # THEN even a chunk five times slower than its estimate leaves the pass inside the time it had
+    assert plan.estimated_s + 4 * p.estimate_pass(1, 0, plan.chunk_tokens) <= 18.0
+
+
 def test_between_chunks_a_slower_than_estimated_pass_gives_up_early():
     # GIVEN an admitted plan, then chunks that run 3x slower than estimated
     p = planner()
@@ -127,7 +142,8 @@ def test_a_prompt_that_cannot_be_read_in_time_is_refused_before_any_compute(smol
 
 
 def test_a_prompt_pass_that_turns_out_slower_stops_between_chunks(smol):
-    # GIVEN a request admitted on the measured speed, then a CPU that becomes 4x slower mid-prompt
+    # GIVEN a request admitted on the measured speed with little time to spare (so its chunks stay about
+    # chunk_seconds long), then a CPU that becomes 4x slower mid-prompt
     prompt = "word " * 1200
     tokens = smol.count_tokens(prompt)
     estimate = smol.planner.prompt_seconds(1, tokens)
@@ -143,7 +159,7 @@ def test_a_prompt_pass_that_turns_out_slower_stops_between_chunks(smol):
     post = smol.model.register_forward_hook(slower, with_kwargs=True)
     try:
         slow["on"] = True
-        budget = 2.0 * estimate
+        budget = 1.25 * estimate
         started = time.monotonic()
         # WHEN it runs
         with pytest.raises(PromptTooLongForDeadline):
