@@ -5,7 +5,8 @@ weights as int8 (per-output-channel symmetric scales) reads a quarter of fp32's 
 bf16's, and brings Phi-2 from ~11 GB (fp32) to ~2.8 GB. What runs (`kernels_in_use` says it at load):
 - up to DECODE_ROWS rows (decode, short prompts): torch's `_weight_int8pack_mm`, int8 weights times
   **bf16 activations** (the fp32 input is rounded to bf16), fp32 out;
-- above DECODE_ROWS rows (long prompts): the weight **de-quantized to fp32** for one fp32 GEMM;
+- above DECODE_ROWS rows (long prompts): the weight **widened to fp32** for one fp32 GEMM, its scale applied
+  to the GEMM's output;
 - everything else (norms, attention, biases, residuals) in fp32; the embedding table is stored in bf16.
 
 The file is safetensors (int8 weights, bf16 scales, bf16 embedding, fp32 norms and biases): no pickle,
@@ -30,6 +31,7 @@ A tied head stays the fp32 embedding.
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import torch
@@ -45,10 +47,27 @@ LAYOUT_VERSION = 2
 WEIGHTS_FILE = "model.safetensors"
 QUANTIZATION_FILE = "quantization.json"
 # Up to this many rows (tokens x batch) the int8 kernel is used (decode, short prompts) with bf16
-# activations; above it, the weight is de-quantized to fp32 for one fp32 GEMM (long prompts), which pays
-# off only once the matmul is large: de-quantizing a 10240x2560 layer costs about as much as 128 rows
-# through the int8 kernel on an AVX2 CPU (see the README's performance section).
-DECODE_ROWS = 128
+# activations; above it, the weight is widened to fp32 for one fp32 GEMM (long prompts). Measured on Phi-2's
+# fc1 (10240x2560), 2 threads, AVX2 EPYC: int8 kernel 1.9 / 13 / 56 / 110 ms at 1 / 16 / 64 / 128 rows,
+# widen + fp32 GEMM 12 / 30 / 58 / 85 ms: they cross at about 64 rows.
+DECODE_ROWS = 64
+
+
+# Widened weights up to this many elements get a reusable buffer (Phi-2's MLP: 26 M, 105 MB in fp32); the
+# output head (131 M) only sees many rows when prompt log-probabilities are asked for, and is widened afresh.
+SCRATCH_MAX_ELEMENTS = 32 * 2**20
+_scratch = threading.local()
+
+
+def _widened(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` as fp32, in this thread's buffer for its shape (one per shape, not per layer)."""
+    if weight.numel() > SCRATCH_MAX_ELEMENTS:
+        return weight.float()
+    buffers = _scratch.__dict__.setdefault("by_shape", {})
+    buffer = buffers.get(weight.shape)
+    if buffer is None:
+        buffer = buffers[weight.shape] = torch.empty(weight.shape, dtype=torch.float32)
+    return buffer.copy_(weight)
 
 
 def _aligned(tensor: torch.Tensor) -> torch.Tensor:
@@ -61,7 +80,8 @@ def _aligned(tensor: torch.Tensor) -> torch.Tensor:
 class Int8Linear(nn.Module):
     """A Linear layer whose weight is int8 with one bf16 scale per output row.
 
-    Up to DECODE_ROWS rows: `_weight_int8pack_mm` with bf16 activations; above: de-quantized fp32 GEMM.
+    Up to DECODE_ROWS rows: `_weight_int8pack_mm` with bf16 activations; above: the weight widened to fp32
+    for an fp32 GEMM whose output is scaled.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device=None) -> None:
@@ -77,9 +97,13 @@ class Int8Linear(nn.Module):
             flat = _aligned(x.reshape(rows, self.in_features).to(torch.bfloat16))
             y = torch._weight_int8pack_mm(flat, self.weight, self.scale).to(x.dtype)
             y = y.reshape(*x.shape[:-1], self.out_features)
+        elif x.dtype == torch.float32:
+            # The scale applies to whole output columns, so it can wait for the GEMM's output: the weight only
+            # needs widening, into a buffer reused by every layer of its shape (a fresh 100 MB tensor per layer
+            # and pass, and a broadcast multiply, made a 512-token Phi-2 pass 1.8x the fp32 model's).
+            y = F.linear(x, _widened(self.weight)) * self.scale.float()
         else:
-            weight = self.weight.to(x.dtype) * self.scale.to(x.dtype)[:, None]
-            y = F.linear(x, weight)
+            y = F.linear(x, self.weight.to(x.dtype) * self.scale.to(x.dtype)[:, None])
         return y + self.bias if self.bias is not None else y
 
 
@@ -203,7 +227,7 @@ def save(model: nn.Module, directory: Path) -> None:
     model.generation_config.save_pretrained(directory)
     scheme = (
         "weight-only, symmetric per output channel, bf16 scales; int8 kernel with bf16 activations up to "
-        f"{DECODE_ROWS} rows, de-quantized fp32 GEMM above; fp32 elsewhere"
+        f"{DECODE_ROWS} rows, fp32 GEMM of the widened weight above (output scaled); fp32 elsewhere"
     )
     manifest = {
         "format": FORMAT,
@@ -280,7 +304,7 @@ def kernels_in_use(model: nn.Module) -> dict[str, object]:
         kernels["int8_linears"] = {
             "count": len(int8),
             "up_to_threshold": "torch._weight_int8pack_mm: int8 weights, bf16 per-row scales, bf16 activations",
-            "above_threshold": "weight de-quantized to fp32, fp32 GEMM",
+            "above_threshold": "weight widened to fp32, fp32 GEMM, output scaled per channel",
             "row_threshold": DECODE_ROWS,
         }
     if dense:

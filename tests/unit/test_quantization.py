@@ -69,12 +69,32 @@ def test_int8_linear_matches_the_dequantized_layer_on_both_paths(rows):
     reference_weight = layer.weight.float() * layer.scale.float()[:, None]
     x = torch.randn(rows, 256)
     assert layer.weight.data_ptr() % 64 == 0 and layer.scale.data_ptr() % 64 == 0  # fresh allocations
-    # WHEN it runs decode-sized (int8 kernel) or prefill-sized (de-quantized GEMM) inputs
+    # WHEN it runs decode-sized (int8 kernel) or prefill-sized (widened fp32 GEMM) inputs
     y = layer(x)
     # THEN it agrees with the de-quantized weight (bf16 activations on the int8 path cost ~3 digits)
     expected = F.linear(x, reference_weight, layer.bias)
     assert y.dtype == torch.float32 and y.shape == (rows, 128)
     assert torch.allclose(y, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_layers_of_one_shape_share_the_widening_buffer_and_each_gets_its_own_weights():
+    # GIVEN two int8 layers of the same shape (as Phi-2's 32 blocks are), quantized from different weights
+    torch.manual_seed(0)
+    layers, references = [], []
+    for _ in range(2):
+        dense = torch.nn.Linear(256, 128, bias=False)
+        layer = quantization.Int8Linear(256, 128, bias=False)
+        layer.weight, layer.scale = quantization.quantize_weight(dense.weight.detach())
+        layers.append(layer)
+        references.append(layer.weight.float() * layer.scale.float()[:, None])
+    x = torch.randn(quantization.DECODE_ROWS + 1, 256)
+    # WHEN prefill-sized inputs go through them alternately
+    outputs = [layer(x) for layer in (*layers, *layers)]
+    # THEN each output is its own layer's (fp32 all the way: only the order of rounding differs), and the
+    # widened weights sit in one buffer per shape, not one per layer
+    for output, reference in zip(outputs, [*references, *references], strict=True):
+        assert torch.allclose(output, F.linear(x, reference), rtol=1e-5, atol=1e-5)
+    assert quantization._widened(layers[0].weight).data_ptr() == quantization._widened(layers[1].weight).data_ptr()
 
 
 @pytest.mark.parametrize("rows", [4, 5, 16, quantization.DECODE_ROWS])
@@ -165,7 +185,7 @@ def test_kernels_in_use_say_what_runs_on_the_int8_model(tiny_phi_int8_dir):
     int8 = kernels["int8_linears"]
     assert int8["count"] == len(linears) and int8["row_threshold"] == quantization.DECODE_ROWS
     assert "_weight_int8pack_mm" in int8["up_to_threshold"] and "bf16 activations" in int8["up_to_threshold"]
-    assert int8["above_threshold"] == "weight de-quantized to fp32, fp32 GEMM"
+    assert int8["above_threshold"] == "weight widened to fp32, fp32 GEMM, output scaled per channel"
     assert kernels["lm_head"] == "int8, as int8_linears, fp32 bias"  # Phi-2's head: untied, with a bias
     assert kernels["embedding"] == "bf16 table, rows widened to fp32"
     assert kernels["int8_operands_64_byte_aligned"] is True
