@@ -77,7 +77,24 @@ def test_int8_linear_matches_the_dequantized_layer_on_both_paths(rows):
     assert torch.allclose(y, expected, rtol=2e-2, atol=2e-2)
 
 
-def test_layers_of_one_shape_share_the_widening_buffer_and_each_gets_its_own_weights():
+@pytest.mark.parametrize("shape", [(128, 256), (3000, 256), (40, 5000), (3, 2**22 + 1)])
+def test_the_long_prompt_path_widens_block_by_block_and_matches_the_dequantized_layer(shape):
+    # GIVEN int8 layers of shapes that fit the widening buffer whole, in several blocks of rows (with a
+    # partial last one), in blocks of a single row, and with rows wider than the buffer
+    torch.manual_seed(0)
+    rows, columns = shape
+    weight = torch.randint(-127, 128, shape, dtype=torch.int8)
+    scale = torch.rand(rows).bfloat16()
+    x = torch.randn(2, 3, columns)
+    # WHEN a prefill-sized input goes through the widened path
+    y = quantization.widened_linear(x, weight, scale)
+    # THEN it is the de-quantized layer's output (fp32 all the way: only the order of rounding differs)
+    expected = F.linear(x, weight.float() * scale.float()[:, None])
+    assert y.shape == (2, 3, rows)
+    assert torch.allclose(y, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+def test_layers_take_turns_in_one_widening_buffer_and_each_gets_its_own_weights():
     # GIVEN two int8 layers of the same shape (as Phi-2's 32 blocks are), quantized from different weights
     torch.manual_seed(0)
     layers, references = [], []
@@ -90,11 +107,9 @@ def test_layers_of_one_shape_share_the_widening_buffer_and_each_gets_its_own_wei
     x = torch.randn(quantization.DECODE_ROWS + 1, 256)
     # WHEN prefill-sized inputs go through them alternately
     outputs = [layer(x) for layer in (*layers, *layers)]
-    # THEN each output is its own layer's (fp32 all the way: only the order of rounding differs), and the
-    # widened weights sit in one buffer per shape, not one per layer
+    # THEN each output is its own layer's: nothing of the other layer's weights is left in the shared buffer
     for output, reference in zip(outputs, [*references, *references], strict=True):
         assert torch.allclose(output, F.linear(x, reference), rtol=1e-5, atol=1e-5)
-    assert quantization._widened(layers[0].weight).data_ptr() == quantization._widened(layers[1].weight).data_ptr()
 
 
 @pytest.mark.parametrize("rows", [4, 5, 16, quantization.DECODE_ROWS])
