@@ -33,6 +33,7 @@ perplexity ratio on quality_text.txt.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -439,9 +440,9 @@ def crashes_of(variant_reports: dict, quality_details: dict, serving: str) -> di
 
 def markdown_table(report: dict) -> str:
     rows = [
-        "| variant | format | code path | cold start s | TTFT 32 tok s | TTFT 512 tok s | decode tok/s | peak RSS GiB "
-        "| decode × seed | TTFT 32 × seed | TTFT 512 × seed | cold start × seed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | format | code path | cold start s | TTFT 32 tok s | TTFT 512 tok s | prompt GFLOP/s (512) "
+        "| decode tok/s | peak RSS GiB | decode × seed | TTFT 32 × seed | TTFT 512 × seed | cold start × seed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def f(value, digits=2):
@@ -455,13 +456,18 @@ def markdown_table(report: dict) -> str:
             continue
         rows.append(
             f"| {name} | {variant['format']} | {variant['path']} | {f(m['cold_start_s'], 1)} | {f(m['ttft_32_s'])} "
-            f"| {f(m['ttft_512_s'])} | {f(m['decode_tokens_per_s'])} | {f(m['peak_rss_gib'])} "
+            f"| {f(m['ttft_512_s'])} | {f(m.get('prompt_gflops_per_s_512'), 0)} | {f(m['decode_tokens_per_s'])} "
+            f"| {f(m['peak_rss_gib'])} "
             f"| {f(r.get('decode_speedup_vs_seed'))} | {f(r.get('ttft_fraction_of_seed'))} "
             f"| {f(r.get('ttft_512_fraction_of_seed'))} | {f(r.get('cold_start_fraction_of_seed'))} |"
         )
     q = report["quality"]
+    runs = [run for variant in report["variants"].values() for run in variant["runs"]]
+    dropped = sum(bool(run.get("page_cache_dropped")) for run in runs)
+    threads = report.get("threads") or "all vCPUs"
     heading = (
-        f"{report['model']}, medians of {report['rounds_done']} interleaved round(s), one fresh process per run; "
+        f"{report['model']}, medians of {report['rounds_done']} interleaved round(s), one fresh process per run, "
+        f"threads: {threads}, page cache dropped before {dropped} of {len(runs)} runs; "
         f"× seed columns: decode speed-up, TTFT and cold start as fractions of the seed's."
     )
     lines = [heading, "", "\n".join(rows), ""]
@@ -516,6 +522,48 @@ def draw_chart(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def drop_page_cache() -> bool:
+    """Write dirty pages and drop the page cache, so the next cold start reads its weights from disk as a
+    new Lambda environment reads them from the image. Needs root; False where it is not allowed."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for package in ("torch", "transformers", "safetensors"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def prompt_flops(model_dir: Path, tokens: int) -> float | None:
+    """Multiply-adds ×2 of one prompt pass of `tokens` tokens: the linear layers (every weight once per
+    token, the output head only for the last position, as generate computes it) plus attention's scores
+    and values over the growing context. From config.json, so the parent never loads a model."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+        hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+        inner, vocab = config["intermediate_size"], config["vocab_size"]
+    except (OSError, KeyError, ValueError):
+        return None
+    kv = config.get("num_key_value_heads") or config.get("num_attention_heads")
+    heads = config.get("num_attention_heads") or 1
+    kv_width = hidden * kv // heads
+    gated = config.get("model_type") not in ("phi",)  # Llama-like MLPs have three matrices, Phi-2's two
+    per_token = layers * (2 * hidden * hidden + 2 * hidden * kv_width + (3 if gated else 2) * hidden * inner)
+    attention = layers * 2 * hidden * tokens * (tokens + 1) / 2  # QK^T and AV, causal
+    return 2 * (per_token * tokens + attention + hidden * vocab)
+
+
 def machine() -> dict:
     cpu, flags = platform.processor() or "unknown", set()
     try:
@@ -549,6 +597,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--formats", help="comma-separated served formats (default: all available)")
     parser.add_argument("--no-quality", action="store_true", help="skip the SmolLM2 quality gate")
     parser.add_argument("--no-avx2", action="store_true", help="skip the variant with every library capped to AVX2")
+    parser.add_argument("--threads", type=int, help="torch threads of every variant (default: the vCPUs)")
+    parser.add_argument(
+        "--keep-page-cache", action="store_true", help="do not drop the page cache before each run (it needs root)"
+    )
     # Worker mode (internal): one measurement in this fresh process.
     parser.add_argument("--worker", choices=["seed", "served", "quality"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -576,6 +628,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_avx2:
         variants.append(Variant(f"{serving}+avx2", serving, "served", dict(AVX2_CAPS)))
     dirs = {f: prepare(model, FORMATS[f], args.cache_dir) for f in {v.format for v in variants}}
+    if args.threads:
+        # torch reads OMP_NUM_THREADS at import (the seed); the function reads TORCH_NUM_THREADS (served).
+        threads = {"OMP_NUM_THREADS": str(args.threads), "TORCH_NUM_THREADS": str(args.threads)}
+        variants = [dataclasses.replace(v, env={**v.env, **threads}) for v in variants]
 
     quality_details: dict = {}
     if not args.no_quality:
@@ -598,6 +654,10 @@ def main(argv: list[str] | None = None) -> int:
         "model": model,
         "rounds": args.rounds,
         "machine": machine(),
+        "versions": versions(),
+        "threads": args.threads,
+        "isa_caps_in_force": {name: os.environ.get(name) for name in AVX2_CAPS},
+        "prompt_flops": {n: prompt_flops(dirs["fp32"], n) for n in PROMPT_LENGTHS},
         "workload": {"prompt_tokens": list(PROMPT_LENGTHS), "decode_new_tokens": DECODE_TOKENS, "greedy": True},
         "serving_format": serving,
     }
@@ -607,8 +667,11 @@ def main(argv: list[str] | None = None) -> int:
         order = variants[round_no % len(variants) :] + variants[: round_no % len(variants)]
         for v in order:
             log(f"round {round_no + 1}/{args.rounds}: {v.name}")
+            # No variant's cold start may be helped by a file another one left in the page cache.
+            dropped = False if args.keep_page_cache or args.quick else drop_page_cache()
             outcome = run_worker(v.path, dirs[v.format], v.env, timeout, [])
             outcome["round"] = round_no + 1
+            outcome["page_cache_dropped"] = dropped
             runs[v.name].append(outcome)
             log(f"  {v.name}: {json.dumps({k: outcome.get(k) for k in (*METRICS, 'new_tokens', 'error')})}")
         # After every round: a long run stopped early still leaves the medians of the rounds it finished.
@@ -650,6 +713,12 @@ def build_report(context, variants, dirs, runs, quality_details, not_run, rounds
         }
         for v in variants
     }
+    flops = (context.get("prompt_flops") or {}).get(512) or (context.get("prompt_flops") or {}).get("512")
+    for report in variant_reports.values():
+        median = report["median"]
+        if flops and median.get("ttft_512_s"):
+            # TTFT includes tokenization and the first token's sampling: a slight underestimate of the pass.
+            median["prompt_gflops_per_s_512"] = flops / median["ttft_512_s"] / 1e9
     seed = variant_reports["seed"]["median"]
     by_variant = {n: ratios_against(seed, r["median"]) for n, r in variant_reports.items()}
     serving_summary = {**variant_reports[serving]["median"], "format": serving}
