@@ -191,8 +191,9 @@ def _served_run(model_dir: Path, spawned_at: float) -> dict:
         return generator.generate([prompt], params, time.monotonic() + 24 * 3600)
 
     loading = time.monotonic()
-    # As the function loads at init: its default warm-up setting, threads sized to the vCPUs.
-    generator = TransformersGenerator.load(model_dir, warmup=get_settings().warmup)
+    # As the function loads at init: its warm-up setting, and TORCH_NUM_THREADS or the vCPUs.
+    settings = get_settings()
+    generator = TransformersGenerator.load(model_dir, warmup=settings.warmup, num_threads=settings.num_threads)
     load_s = time.monotonic() - loading
     prompts = {n: _prompt_of(generator.tokenizer, n) for n in PROMPT_LENGTHS}
     request(prompts[32], 1)
