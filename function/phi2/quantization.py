@@ -70,7 +70,10 @@ def widened_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -
     rows, columns = weight.shape
     buffer = getattr(_scratch, "buffer", None)
     if buffer is None:
-        buffer = _scratch.buffer = torch.empty(WIDEN_BLOCK_ELEMENTS, dtype=torch.float32)
+        # A normal tensor even when the first long prompt runs under inference_mode (generate does): an
+        # inference tensor could never again be written outside it.
+        with torch.inference_mode(False):
+            buffer = _scratch.buffer = torch.empty(WIDEN_BLOCK_ELEMENTS, dtype=torch.float32)
     step = max(1, min(rows, WIDEN_BLOCK_ELEMENTS // columns))
     if step * columns > buffer.numel():  # a single row wider than the buffer: widen it afresh
         return F.linear(x, weight.float()) * scale.float()

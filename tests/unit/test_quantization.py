@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 
@@ -92,6 +93,32 @@ def test_the_long_prompt_path_widens_block_by_block_and_matches_the_dequantized_
     expected = F.linear(x, weight.float() * scale.float()[:, None])
     assert y.shape == (2, 3, rows)
     assert torch.allclose(y, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+def test_the_widening_buffer_serves_inside_and_outside_inference_mode_whichever_came_first():
+    # GIVEN a thread whose first long prompt ran under inference_mode (as generate runs), then one that did not
+    weight = torch.randint(-127, 128, (128, 256), dtype=torch.int8)
+    scale = torch.rand(128).bfloat16()
+    x = torch.randn(quantization.DECODE_ROWS + 1, 256)
+    expected = F.linear(x, weight.float() * scale.float()[:, None])
+
+    def first_in(modes: list[bool]) -> list[torch.Tensor]:
+        outputs = []
+        for inference in modes:
+            with torch.inference_mode(inference):
+                outputs.append(quantization.widened_linear(x, weight, scale))
+        return outputs
+
+    for modes in ([True, False], [False, True]):
+        thread_outputs: list[torch.Tensor] = []
+        # a fresh thread: a fresh buffer, created in the first mode
+        worker = threading.Thread(target=lambda m=modes, out=thread_outputs: out.extend(first_in(m)))
+        worker.start()
+        worker.join()
+        # THEN both calls answered, in either order
+        assert len(thread_outputs) == 2, f"a call failed after one under inference_mode={modes[0]}"
+        for output in thread_outputs:
+            assert torch.allclose(output, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
 
 
 def test_layers_take_turns_in_one_widening_buffer_and_each_gets_its_own_weights():
