@@ -25,6 +25,35 @@ def load_event(name: str) -> dict:
     return json.loads((EVENTS / f"{name}.json").read_text())
 
 
+def openai_event(name: str, **changes) -> dict:
+    """A sample event from events/openai/ with fields of its JSON body changed (None removes one)."""
+    event = load_event(f"openai/{name}")
+    body = json.loads(event["body"])
+    for key, value in changes.items():
+        if value is None:
+            body.pop(key, None)
+        else:
+            body[key] = value
+    event["body"] = json.dumps(body)
+    return event
+
+
+AWS_REGION = "us-east-1"
+
+
+@pytest.fixture
+def moto_credentials(monkeypatch) -> str:
+    """Fake credentials and a region for moto (never real ones); returns the region."""
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": AWS_REGION,
+    }.items():
+        monkeypatch.setenv(name, value)
+    return AWS_REGION
+
+
 @pytest.fixture
 def event():
     return load_event

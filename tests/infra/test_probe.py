@@ -17,11 +17,12 @@ import probe
 import pytest
 import smoke_test
 from botocore.config import Config
+from conftest import AWS_REGION
 from moto import mock_aws
 from rie import RieServer
 
 STACK = "phi2-lambda"
-REGION = "us-east-1"
+REGION = AWS_REGION
 
 # A cold start's REPORT as Lambda writes it with Tracing: Active (tab-separated, Init Duration last, X-Ray after).
 COLD_TAIL = (
@@ -113,14 +114,7 @@ def test_warm_medians_skip_missing_values():
 
 
 @pytest.fixture
-def aws(monkeypatch):
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_SESSION_TOKEN": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-    }.items():
-        monkeypatch.setenv(name, value)
+def aws(moto_credentials):
     with mock_aws():
         yield boto3.client("cloudformation", region_name=REGION), boto3.client("lambda", region_name=REGION)
 

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import boto3
 import pytest
 import smoke_test
-from conftest import LambdaContext, load_event
+from conftest import AWS_REGION, LambdaContext, load_event
 from fakes import FakeGenerator
 from moto import mock_aws
 
@@ -21,7 +21,7 @@ from phi2 import generator as generator_module
 from phi2 import handler
 
 STACK = "phi2-lambda"
-REGION = "us-east-1"
+REGION = AWS_REGION
 
 
 class StandInApi:
@@ -91,14 +91,7 @@ def fake_model(monkeypatch) -> FakeGenerator:
 
 
 @pytest.fixture
-def aws(monkeypatch):
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_SESSION_TOKEN": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-    }.items():
-        monkeypatch.setenv(name, value)
+def aws(moto_credentials):
     with mock_aws():
         yield boto3.client("cloudformation", region_name=REGION)
 

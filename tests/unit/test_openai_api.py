@@ -8,7 +8,7 @@ import dataclasses
 import json
 
 import pytest
-from conftest import LambdaContext, load_event
+from conftest import LambdaContext, load_event, openai_event
 from fakes import FakeGenerator
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -37,19 +37,6 @@ def fake(monkeypatch) -> FakeGenerator:
 
 def invoke(event: dict) -> dict:
     return handler.lambda_handler(event, LambdaContext())
-
-
-def with_body(name: str, **changes) -> dict:
-    """A sample event from events/openai/ with fields of its JSON body changed (None removes one)."""
-    event = load_event(f"openai/{name}")
-    body = json.loads(event["body"])
-    for key, value in changes.items():
-        if value is None:
-            body.pop(key, None)
-        else:
-            body[key] = value
-    event["body"] = json.dumps(body)
-    return event
 
 
 def answer(event: dict) -> tuple[int, dict, dict[str, str]]:
@@ -126,7 +113,7 @@ def test_openai_defaults_apply_not_the_native_ones(fake):
     prompt = fake.calls[0].prompts[0]
     assert params.max_new_tokens == fake.context_length - len(prompt) - 1
     # AND a completions request without max_tokens generates OpenAI's documented 16
-    answer(with_body("rest-completions-sdk", max_tokens=None))
+    answer(openai_event("rest-completions-sdk", max_tokens=None))
     assert fake.calls[1].params.max_new_tokens == 16
 
 
@@ -135,12 +122,12 @@ def test_openai_defaults_apply_not_the_native_ones(fake):
     [({"temperature": 0}, False), ({"temperature": 0.005}, False), ({"top_p": 0}, False), ({"temperature": 0.5}, True)],
 )
 def test_temperature_zero_or_an_empty_nucleus_is_greedy(fake, fields, do_sample):
-    answer(with_body("rest-chat-completions-sdk", **fields))
+    answer(openai_event("rest-chat-completions-sdk", **fields))
     assert fake.calls[0].params.do_sample is do_sample
 
 
 def test_penalties_logit_bias_and_extras_reach_the_generator(fake):
-    event = with_body(
+    event = openai_event(
         "rest-chat-completions-sdk",
         presence_penalty=0.5,
         frequency_penalty=-0.25,
@@ -159,7 +146,7 @@ def test_penalties_logit_bias_and_extras_reach_the_generator(fake):
 
 def test_n_samples_one_batch_with_consecutive_seeds(fake):
     # GIVEN n=3 and a seed
-    status, body, _ = answer(with_body("rest-chat-completions-sdk", n=3, seed=11))
+    status, body, _ = answer(openai_event("rest-chat-completions-sdk", n=3, seed=11))
     # THEN one batch of three rows of the same prompt, seeded 11, 12, 13, and three choices
     assert status == 200
     call = fake.calls[0]
@@ -172,7 +159,7 @@ def test_n_samples_one_batch_with_consecutive_seeds(fake):
 
 
 def test_several_prompts_times_n_keep_each_prompts_seeds_and_openai_indexes(fake):
-    status, body, _ = answer(with_body("rest-completions-sdk", prompt=["a b", "c d e"], n=2, seed=2**32 + 5))
+    status, body, _ = answer(openai_event("rest-completions-sdk", prompt=["a b", "c d e"], n=2, seed=2**32 + 5))
     assert status == 200
     call = fake.calls[0]
     assert call.prompts == ["a b", "a b", "c d e", "c d e"]
@@ -183,7 +170,7 @@ def test_several_prompts_times_n_keep_each_prompts_seeds_and_openai_indexes(fake
 
 
 def test_negative_seed_wraps_into_the_seed_space(fake):
-    answer(with_body("rest-chat-completions-sdk", n=2, seed=-1))
+    answer(openai_event("rest-chat-completions-sdk", n=2, seed=-1))
     assert fake.calls[0].seeds == (2**32 - 1, 0)
 
 
@@ -202,7 +189,7 @@ def test_finish_reason_is_openais_with_ours_in_native_finish_reason(fake, native
 def test_completion_logprobs_give_tokens_alternatives_and_offsets(fake):
     # GIVEN logprobs=2 on a completion
     prompt = "The capital of France is"
-    _, body, _ = answer(with_body("rest-completions-sdk", logprobs=2))
+    _, body, _ = answer(openai_event("rest-completions-sdk", logprobs=2))
     assert fake.calls[0].params.logprobs == 2 and fake.calls[0].params.prompt_logprobs is False
     logprobs = SdkCompletion.model_validate(body).choices[0].logprobs
     # THEN each generated token with its log-probability, the 2 best alternatives plus the chosen token, and
@@ -215,7 +202,7 @@ def test_completion_logprobs_give_tokens_alternatives_and_offsets(fake):
 
 def test_echo_with_logprobs_returns_the_prompt_and_its_token_logprobs(fake):
     prompt = "Hi there"
-    _, body, _ = answer(with_body("rest-completions-sdk", prompt=prompt, echo=True, logprobs=0))
+    _, body, _ = answer(openai_event("rest-completions-sdk", prompt=prompt, echo=True, logprobs=0))
     assert fake.calls[0].params.prompt_logprobs is True
     choice = body["choices"][0]
     assert choice["text"] == prompt + " ok"
@@ -229,7 +216,7 @@ def test_echo_with_logprobs_returns_the_prompt_and_its_token_logprobs(fake):
 def test_max_tokens_zero_with_echo_scores_the_prompt_only(fake):
     # GIVEN the scoring request evaluation harnesses send: echo, logprobs, max_tokens 0
     prompt = "Hi"
-    _, body, _ = answer(with_body("rest-completions-sdk", prompt=prompt, echo=True, logprobs=1, max_tokens=0))
+    _, body, _ = answer(openai_event("rest-completions-sdk", prompt=prompt, echo=True, logprobs=1, max_tokens=0))
     choice = body["choices"][0]
     # THEN the text is the prompt, with its logprobs, and nothing generated is returned or counted
     assert choice["text"] == prompt
@@ -239,7 +226,7 @@ def test_max_tokens_zero_with_echo_scores_the_prompt_only(fake):
 
 
 def test_chat_logprobs_give_each_tokens_bytes_and_top_alternatives(fake):
-    _, body, _ = answer(with_body("rest-chat-completions-sdk", logprobs=True, top_logprobs=2))
+    _, body, _ = answer(openai_event("rest-chat-completions-sdk", logprobs=True, top_logprobs=2))
     content = SdkChatCompletion.model_validate(body).choices[0].logprobs.content
     assert [(t.token, t.logprob, t.bytes) for t in content] == [(" ok", -0.5, list(b" ok"))]
     assert [(t.token, t.logprob) for t in content[0].top_logprobs] == [("A", -1.0), ("B", -2.0)]
@@ -247,7 +234,7 @@ def test_chat_logprobs_give_each_tokens_bytes_and_top_alternatives(fake):
 
 
 def test_chat_without_logprobs_asks_for_none(fake):
-    _, body, _ = answer(with_body("rest-chat-completions-sdk", logprobs=False, top_logprobs=0))
+    _, body, _ = answer(openai_event("rest-chat-completions-sdk", logprobs=False, top_logprobs=0))
     assert body["choices"][0]["logprobs"] is None and fake.calls[0].params.logprobs is None
 
 
@@ -292,12 +279,12 @@ def test_a_model_is_found_by_alias_encoded_slash_or_v1_path(fake, path):
 
 @pytest.mark.parametrize("alias", ["phi-2", "PHI-2", "Microsoft/Phi-2"])
 def test_aliases_are_accepted_and_echoed(fake, alias):
-    status, body, _ = answer(with_body("rest-chat-completions-sdk", model=alias))
+    status, body, _ = answer(openai_event("rest-chat-completions-sdk", model=alias))
     assert status == 200 and body["model"] == alias
 
 
 def test_an_unknown_model_is_a_404_naming_the_served_one(fake):
-    status, body, headers = answer(with_body("rest-chat-completions-sdk", model="gpt-4o-mini"))
+    status, body, headers = answer(openai_event("rest-chat-completions-sdk", model="gpt-4o-mini"))
     assert status == 404
     assert body["error"]["code"] == "model_not_found" and body["error"]["param"] == "model"
     assert MODEL in body["error"]["message"] and headers["x-request-id"]
@@ -330,7 +317,7 @@ def test_stream_true_names_the_configured_streaming_base_url(fake, monkeypatch):
 
 def test_context_overflow_uses_openais_wording_and_code(fake):
     # GIVEN a completion whose prompt plus max_tokens exceeds the fake's 2,048-token context
-    status, body, _ = answer(with_body("rest-completions-sdk", prompt="x" * 2000, max_tokens=100))
+    status, body, _ = answer(openai_event("rest-completions-sdk", prompt="x" * 2000, max_tokens=100))
     error = body["error"]
     # THEN a 400 with code context_length_exceeded and the sentence LiteLLM and LangChain recognise
     assert status == 400
@@ -411,7 +398,7 @@ def test_native_routes_keep_their_own_error_shape_with_or_without_v1(fake, path)
 def test_user_and_text_never_reach_the_logs(fake, caplog, capsys):
     # GIVEN a request whose user id and message carry a canary
     canary = "canary-7f3a91"
-    event = with_body(
+    event = openai_event(
         "rest-chat-completions-sdk", user=f"user-{canary}", messages=[{"role": "user", "content": canary}]
     )
     # WHEN it is served

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import LambdaContext, load_event
+from conftest import LambdaContext, load_event, openai_event
 from fakes import FakeGenerator
 from openai._models import construct_type
 from openai.types import Completion as SdkCompletion
@@ -28,18 +28,6 @@ def fake(monkeypatch) -> FakeGenerator:
     generator = FakeGenerator(model_id=MODEL, tokens=TOKENS)
     monkeypatch.setattr(generator_module, "get_generator", lambda wait_s=None: generator)
     return generator
-
-
-def event_for(name: str, **changes) -> dict:
-    event = load_event(f"openai/{name}")
-    body = json.loads(event["body"])
-    for key, value in changes.items():
-        if value is None:
-            body.pop(key, None)
-        else:
-            body[key] = value
-    event["body"] = json.dumps(body)
-    return event
 
 
 def streamed(event: dict) -> tuple[RecordingStream, dict]:
@@ -114,7 +102,7 @@ def test_the_role_chunk_goes_out_with_the_first_bytes_before_the_prompt_pass(fak
 
 
 def test_a_streamed_completion_with_two_samples_is_sdk_chunks_indexed_per_choice(fake):
-    event = event_for("rest-completions-sdk", stream=True, n=2, seed=7, temperature=0.8)
+    event = openai_event("rest-completions-sdk", stream=True, n=2, seed=7, temperature=0.8)
     stream, _ = streamed(event)
     data = data_of(stream)
     assert data[-1] == "[DONE]"
@@ -128,7 +116,7 @@ def test_a_streamed_completion_with_two_samples_is_sdk_chunks_indexed_per_choice
 
 
 def test_streamed_completion_logprobs_give_each_token_its_alternatives_and_offset(fake):
-    event = event_for("rest-completions-sdk", stream=True, logprobs=2)
+    event = openai_event("rest-completions-sdk", stream=True, logprobs=2)
     stream, _ = streamed(event)
     chunks = completion_chunks(data_of(stream)[:-1])
     entries = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
@@ -140,7 +128,7 @@ def test_streamed_completion_logprobs_give_each_token_its_alternatives_and_offse
 
 
 def test_an_echoed_prompt_streams_first(fake):
-    event = event_for("rest-completions-sdk", stream=True, echo=True)
+    event = openai_event("rest-completions-sdk", stream=True, echo=True)
     stream, _ = streamed(event)
     chunks = completion_chunks(data_of(stream)[:-1])
     prompt = json.loads(event["body"])["prompt"]
@@ -153,7 +141,7 @@ def test_an_echoed_prompt_streams_first(fake):
     [({"best_of": 3, "n": 1}, "best_of"), ({"echo": True, "logprobs": 1}, "echo")],
 )
 def test_what_cannot_be_streamed_is_refused_naming_the_field_before_any_byte(fake, changes, param):
-    stream, response = streamed(event_for("rest-completions-sdk", stream=True, **changes))
+    stream, response = streamed(openai_event("rest-completions-sdk", stream=True, **changes))
     assert not stream.started and fake.calls == []
     body = json.loads(response["body"])
     assert response["statusCode"] == 400 and body["error"]["param"] == param
@@ -168,7 +156,7 @@ def test_what_cannot_be_streamed_is_refused_naming_the_field_before_any_byte(fak
     ],
 )
 def test_errors_before_the_first_byte_are_normal_openai_error_responses(fake, changes, status, code):
-    stream, response = streamed(event_for("rest-completions-sdk", stream=True, **changes))
+    stream, response = streamed(openai_event("rest-completions-sdk", stream=True, **changes))
     assert not stream.started
     body = json.loads(response["body"])
     assert response["statusCode"] == status and set(body) == {"error"}
