@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "function"))
 from phi2 import quantization
 from phi2.errors import ModelLoadError
 from phi2.model_files import MANIFEST_NAME, Manifest, describe_files, read_manifest, verify
-from phi2.planner import CALIBRATION_FILE
+from phi2.planner import CALIBRATION_FILE, Calibration
 
 # Hub models are pinned to a commit so that an image rebuilt later serves the same weights.
 PINNED_REVISIONS = {"microsoft/phi-2": "ef382358ec9e382308935a992d908de099b64c23"}
@@ -221,7 +221,7 @@ def prepare(
         raise SystemExit("--format int8 computes in float32: leave --dtype at auto")
     if not force and is_complete(out, (model_id, revision, dtype_name, fmt), checksums=False):
         log(f"{out} already holds {model_id} ({fmt}, {dtype_name}); nothing to do")
-        if calibrated and not (out / CALIBRATION_FILE).is_file():
+        if calibrated and Calibration.read(out) is None:  # none yet, or from an older version
             calibrate(out)
         return out
 

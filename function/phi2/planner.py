@@ -2,15 +2,17 @@
 
 The prompt's forward pass cannot be interrupted once a chunk is running, so the planner
 - knows this model's speeds on this execution environment: a cost model of one forward pass,
-  `fixed + rows x (per_row + per_row_ctx x context)` (rows = batch x chunk tokens; the last term is
-  attention, which grows with the context), calibrated when the model is prepared (`calibration.json`),
-  checked with a short pass at warm-up (which rescales it to this CPU) and refined from every chunk and
-  decode step of real requests;
+  `matmul(rows) + rows x per_row_ctx x context` (rows = batch x chunk tokens; `matmul` piecewise linear
+  through measured passes; the last term is attention, which grows with the context), calibrated when
+  the model is prepared (`calibration.json`, the fastest of two timings of each shape), moved to this CPU
+  at warm-up by a timed decode step and a short prompt pass, and refined from every chunk and decode step
+  of real requests;
 - admits a request only if its whole prompt pass fits before the deadline (else PromptTooLongForDeadline,
   naming the largest prompt that fits for that batch size), before anything is computed. Admission
   assumes the current speed, but never worse than twice the best speed measured here: a burst of noise
   must not make the function refuse everything (a refused request measures nothing, so it could never
-  recover), and a prompt whose pass takes at most half the time left is always admitted;
+  recover). Admission considers every chunk size it may use, so a prompt is not refused for the cost
+  of chunks smaller than its time allows;
 - cuts the prompt into chunks, and between chunks gives up as soon as the refined estimate of the rest no
   longer fits: a wrong estimate overruns by at most one chunk. A chunk takes about `chunk_seconds` when
   time is short; with time to spare chunks grow, up to a quarter of the spare time (so one chunk could
@@ -23,6 +25,8 @@ No AWS types and no torch here: the generator feeds it measurements and asks it 
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import math
 import threading
@@ -33,7 +37,8 @@ from pathlib import Path
 from .errors import PromptTooLongForDeadline
 
 CALIBRATION_FILE = "calibration.json"
-CALIBRATION_VERSION = 1
+# 2: the fastest of two timings per shape (1 was one timing, which a busy machine could skew).
+CALIBRATION_VERSION = 2
 # Measured speeds move estimates by this weight (an exponential moving average): a noisy request does
 # not swing the next admission, a persistently slower CPU is learnt within a few requests.
 LEARNING_RATE = 0.3
@@ -57,43 +62,105 @@ class PassSample:
     seconds: float
 
 
-@dataclass
+@dataclass(frozen=True)
 class CostModel:
-    """Seconds of one forward pass, as a function of its shape."""
+    """Seconds of one forward pass, as a function of its shape: `matmul(rows) + rows x per_row_ctx x context`.
 
-    fixed_s: float
-    """Per forward pass, whatever its size: reading every weight once (a decode step is nearly all this)."""
-    per_row_s: float
-    """Per token row: the matrix multiplications."""
+    `matmul` is piecewise linear through measured points (rows = batch x new tokens), not one line: the int8
+    format switches kernels at DECODE_ROWS rows, and a GEMM gets cheaper per row as it grows, so a line
+    fitted through 1 to 256 rows misjudges both ends. Beyond the last point it grows by `tail_per_row_s`.
+    """
+
+    rows: tuple[int, ...]
+    """Increasing row counts at which `matmul` was measured."""
+    matmul_s: tuple[float, ...]
+    """Seconds at those rows, attention excluded (non-decreasing); below the first, the first."""
+    tail_per_row_s: float
+    """Seconds per row beyond the last point."""
     per_row_ctx_s: float
     """Per token row and context position: attention."""
 
+    @classmethod
+    def linear(cls, fixed_s: float, per_row_s: float, per_row_ctx_s: float) -> CostModel:
+        """`fixed + rows x per_row`: a pass that reads every weight once, plus the matmuls."""
+        return cls(rows=(0,), matmul_s=(fixed_s,), tail_per_row_s=per_row_s, per_row_ctx_s=per_row_ctx_s)
+
+    def matmul(self, rows: float) -> float:
+        points = self.rows
+        if rows >= points[-1]:
+            return self.matmul_s[-1] + (rows - points[-1]) * self.tail_per_row_s
+        if rows <= points[0]:
+            return self.matmul_s[0]
+        i = bisect.bisect_right(points, rows)
+        (r0, r1), (s0, s1) = points[i - 1 : i + 1], self.matmul_s[i - 1 : i + 1]
+        return s0 + (s1 - s0) * (rows - r0) / (r1 - r0)
+
     def seconds(self, batch: int, start: int, tokens: int) -> float:
         rows = batch * tokens
-        return self.fixed_s + rows * (self.per_row_s + self.per_row_ctx_s * (start + tokens / 2))
+        return self.matmul(rows) + rows * self.per_row_ctx_s * (start + tokens / 2)
 
     @classmethod
     def fit(cls, samples: Iterable[PassSample], attention_ratio: float) -> CostModel:
-        """Least squares over timed passes: seconds = fixed + per_row x rows x (1 + ratio x context).
+        """Through timed passes: the fastest pass of each row count, made non-decreasing.
 
         `attention_ratio` is attention's cost per context position relative to a row's matmul cost, from
-        the architecture (4 x layers x hidden FLOPs per position against 2 x linear parameters). A single
-        pass cannot separate the fixed part: it is all charged per row, which overestimates, never under.
+        the architecture (4 x layers x hidden FLOPs per position against 2 x linear parameters), applied to
+        what one more row costs at the largest timed pass. A single pass cannot separate a fixed part: it is
+        all charged per row, which overestimates, never under.
         """
         samples = list(samples)
         if not samples:
             raise ValueError("no timed passes to fit")
-        xs = [s.batch * s.tokens * (1 + attention_ratio * (s.start + s.tokens / 2)) for s in samples]
-        ys = [s.seconds for s in samples]
-        n = len(samples)
-        mean_x, mean_y = sum(xs) / n, sum(ys) / n
-        spread = sum((x - mean_x) ** 2 for x in xs)
-        slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / spread if spread else 0.0
-        fixed = mean_y - slope * mean_x
-        if slope <= 0 or fixed < 0:  # noise, or one shape only: no intercept
-            fixed, slope = 0.0, sum(x * y for x, y in zip(xs, ys, strict=True)) / sum(x * x for x in xs)
-        per_row = max(slope, 1e-9)
-        return cls(fixed_s=fixed, per_row_s=per_row, per_row_ctx_s=per_row * attention_ratio)
+
+        def points(per_row_ctx: float) -> tuple[list[int], list[float]]:
+            fastest: dict[int, float] = {}
+            for s in samples:
+                rows = s.batch * s.tokens
+                matmul = max(s.seconds - rows * per_row_ctx * (s.start + s.tokens / 2), 0.0)
+                fastest[rows] = min(fastest.get(rows, matmul), matmul)
+            rows = sorted(fastest)
+            return rows, list(itertools.accumulate((fastest[r] for r in rows), max))
+
+        def slope(rows: list[int], seconds: list[float]) -> float:
+            """What one more row costs at the largest timed pass."""
+            if len(rows) == 1:
+                return seconds[0] / rows[0]
+            return max((seconds[-1] - seconds[-2]) / (rows[-1] - rows[-2]), 0.0)
+
+        per_row_ctx = 0.0
+        for _ in range(4):  # attention's share of the timed passes is small: this converges at once
+            per_row_ctx = attention_ratio * slope(*points(per_row_ctx))
+        rows, seconds = points(per_row_ctx)
+        # Beyond the largest pass, never below that pass's own cost per row: past a few hundred rows a GEMM's
+        # cost per row stops falling, and the last segment may span a kernel switch (int8 at DECODE_ROWS)
+        per_row = max(slope(rows, seconds), seconds[-1] / rows[-1])
+        if len(rows) == 1:
+            rows, seconds = [0], [0.0]
+        return cls(rows=tuple(rows), matmul_s=tuple(seconds), tail_per_row_s=per_row, per_row_ctx_s=per_row_ctx)
+
+    def adapted(self, decode_step_s: float | None, sample: PassSample) -> CostModel:
+        """This model moved to another CPU from two passes timed there: a decode step (nearly all reading the
+        weights, which memory bandwidth sets) and a short prompt pass (whose rows the ISA sets). Both ends
+        move independently; the calibrated shape in between is kept. Without a decode step, or when the two
+        disagree (noise), everything scales by the prompt pass alone."""
+        one = self.matmul(1)
+        predicted = self.seconds(sample.batch, sample.start, sample.tokens) - one
+        observed = sample.seconds - (decode_step_s or 0.0)
+        if not decode_step_s or one <= 0 or predicted <= 0 or observed <= 0:
+            k = _clamp(sample.seconds / max(self.seconds(sample.batch, sample.start, sample.tokens), 1e-9))
+            k_fixed = k_rows = k
+        else:
+            k_fixed, k_rows = _clamp(decode_step_s / one), _clamp(observed / predicted)
+        return CostModel(
+            rows=self.rows,
+            matmul_s=tuple(k_fixed * one + k_rows * (s - one) for s in self.matmul_s),
+            tail_per_row_s=self.tail_per_row_s * k_rows,
+            per_row_ctx_s=self.per_row_ctx_s * k_rows,
+        )
+
+
+def _clamp(ratio: float) -> float:
+    return min(max(ratio, SCALE_LIMITS[0]), SCALE_LIMITS[1])
 
 
 @dataclass
@@ -152,7 +219,7 @@ class Planner:
         self._cost = cost
         self._scale = 1.0
         self._best_scale = 1.0
-        self._decode_step_s: float | None = cost.fixed_s if cost else None
+        self._decode_step_s: float | None = cost.matmul(1) if cost else None
         self._lock = threading.Lock()
 
     # -- what is known -------------------------------------------------------------------------------
@@ -194,16 +261,20 @@ class Planner:
     # -- decisions -------------------------------------------------------------------------------------
 
     def chunk_tokens(self, batch: int, seconds: float | None = None) -> int:
-        """Prompt tokens per chunk for this batch size: about `seconds` (at least `chunk_seconds`) of work,
-        whole rows."""
+        """Prompt tokens per chunk for this batch size: about `seconds` (at least `chunk_seconds`) of work at
+        the current speed, attention counted at mid-context, whole rows."""
         if self._cost is None:
             return MAX_CHUNK_ROWS // batch or 1
-        cost = self._cost
-        seconds = max(seconds or 0.0, self.chunk_seconds)
-        per_row = (cost.per_row_s + cost.per_row_ctx_s * self.context_length / 2) * self._scale
-        rows = (seconds - cost.fixed_s * self._scale) / per_row if per_row > 0 else MAX_CHUNK_ROWS
-        rows = int(min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, rows)))
-        return max(1, rows // batch)
+        cost, middle = self._cost, self.context_length / 2
+        seconds = max(seconds or 0.0, self.chunk_seconds) / self._scale
+        low, high = MIN_CHUNK_ROWS, MAX_CHUNK_ROWS
+        while low < high:  # the largest row count that fits, or the least
+            mid = (low + high + 1) // 2
+            if cost.matmul(mid) + mid * cost.per_row_ctx_s * middle <= seconds:
+                low = mid
+            else:
+                high = mid - 1
+        return max(1, low // batch)
 
     def prompt_seconds(
         self, batch: int, width: int, start: int = 0, chunk: int | None = None, *, admission: bool = False
@@ -217,6 +288,33 @@ class Planner:
             position += tokens
         return total
 
+    def plan(self, batch: int, width: int, available_s: float) -> Plan | None:
+        """The fastest admissible way to read this prompt in `available_s`, or None if there is none.
+
+        Chunks of about `chunk_seconds` are always allowed; a larger chunk only if, at the current speed,
+        it takes at most a quarter of the time its plan leaves to spare (so one chunk could run five times
+        slower than estimated and still end in time). The largest allowed chunk wins: every chunk reads
+        every weight once more. Admission estimates at the admission speed (see estimate_pass).
+        """
+        base = self.chunk_tokens(batch)
+        best, tried, candidates = None, set(), [base]
+        while candidates and len(tried) < 32:
+            chunk = min(candidates.pop(), width)
+            if chunk in tried:
+                continue
+            tried.add(chunk)
+            estimated = self.prompt_seconds(batch, width, chunk=chunk, admission=True)
+            last = self.estimate_pass(batch, max(width - chunk, 0), chunk)  # the longest chunk
+            spare = available_s - estimated
+            allowed = spare >= 0 and (chunk <= base or last <= SPARE_SHARE_PER_CHUNK * spare)
+            if allowed and (best is None or estimated < best.estimated_s):
+                best = Plan(batch=batch, width=width, chunk_tokens=chunk, estimated_s=estimated)
+            if chunk < width:  # larger chunks: twice this one, and the one this one's spare time allows
+                candidates.append(2 * chunk)
+                if spare > 0:
+                    candidates.append(self.chunk_tokens(batch, SPARE_SHARE_PER_CHUNK * spare))
+        return best
+
     def largest_prompt(self, batch: int, available_s: float) -> int:
         """The longest prompt (tokens per row) that admission would accept with `available_s` left."""
         if self._cost is None:
@@ -224,7 +322,7 @@ class Planner:
         low, high = 0, self.context_length
         while low < high:
             mid = (low + high + 1) // 2
-            if self.prompt_seconds(batch, mid, admission=True) <= available_s:
+            if self.plan(batch, mid, available_s) is not None:
                 low = mid
             else:
                 high = mid - 1
@@ -232,22 +330,16 @@ class Planner:
 
     def admit(self, batch: int, width: int, available_s: float) -> Plan:
         """The plan of a request whose prompt pass fits `available_s`; PromptTooLongForDeadline otherwise."""
-        chunk = self.chunk_tokens(batch)
-        estimated = self.prompt_seconds(batch, width, chunk=chunk, admission=True)
-        if estimated > available_s:
+        plan = self.plan(batch, width, available_s)
+        if plan is None:
             raise PromptTooLongForDeadline(
                 prompt_tokens=width,
                 batch=batch,
-                estimated_s=estimated,
+                estimated_s=self.prompt_seconds(batch, width, admission=True),
                 available_s=available_s,
                 largest_prompt_tokens=self.largest_prompt(batch, available_s),
             )
-        spare = available_s - estimated
-        bigger = self.chunk_tokens(batch, SPARE_SHARE_PER_CHUNK * spare)
-        if bigger > chunk:
-            chunk = bigger
-            estimated = self.prompt_seconds(batch, width, chunk=chunk, admission=True)
-        return Plan(batch=batch, width=width, chunk_tokens=chunk, estimated_s=estimated)
+        return plan
 
     def check_rest(self, plan: Plan, done: int, available_s: float) -> None:
         """Between chunks: give up (PromptTooLongForDeadline) if the rest of the prompt no longer fits."""
@@ -284,17 +376,17 @@ class Planner:
             self._scale += LEARNING_RATE * (observed - self._scale)
             self._best_scale = min(self._best_scale, observed)
 
-    def rescale(self, sample: PassSample) -> None:
-        """Adopt this CPU's speed from one timed pass (the warm-up check), keeping the calibrated shape."""
+    def rescale(self, sample: PassSample, decode_step_s: float | None = None) -> None:
+        """Adopt this CPU's speeds from the warm-up check: a short prompt pass and, when timed, a decode step
+        (see CostModel.adapted); the calibrated shape is kept."""
         with self._lock:
             if self._cost is None:
                 self._cost = CostModel.fit([sample], self.attention_ratio)
-                self._scale = self._best_scale = 1.0
-                return
-            predicted = self._cost.seconds(sample.batch, sample.start, sample.tokens)
-            if predicted > 0:
-                self._scale = min(max(sample.seconds / predicted, SCALE_LIMITS[0]), SCALE_LIMITS[1])
-                self._best_scale = self._scale
+            else:
+                self._cost = self._cost.adapted(decode_step_s, sample)
+            self._scale = self._best_scale = 1.0
+            if decode_step_s:
+                self._decode_step_s = decode_step_s
 
     def set_decode_step(self, seconds: float) -> None:
         with self._lock:

@@ -12,6 +12,7 @@ import torch
 from phi2 import quantization
 from phi2.generator import GenerationParams
 from phi2.hf_generator import TransformersGenerator
+from phi2.planner import Plan
 
 FAR = 3600.0
 
@@ -35,7 +36,10 @@ def chunked(monkeypatch):
     """Force the prompt pass into chunks of `tokens` tokens per row."""
 
     def force(generator: TransformersGenerator, tokens: int) -> None:
-        monkeypatch.setattr(generator.planner, "chunk_tokens", lambda batch, seconds=None: tokens)
+        def plan(batch: int, width: int, available_s: float) -> Plan:
+            return Plan(batch=batch, width=width, chunk_tokens=tokens, estimated_s=0.0)
+
+        monkeypatch.setattr(generator.planner, "plan", plan)
 
     return force
 
