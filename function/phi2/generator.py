@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .errors import ModelLoadError, ModelLoading, ModelNotReady
+from .model_files import prefetch
 from .settings import get_settings
 
 FinishReason = Literal["length", "eos_token", "stop_sequence", "time_limit", "cancelled"]
@@ -193,9 +194,10 @@ def _load() -> None:
     with _lock:
         if _generator is not None or _load_error is not None:
             return
-        from .hf_generator import TransformersGenerator  # torch is imported only when a model is
-
         settings = get_settings()
+        prefetch(settings.model_dir)  # the disk reads the weights while torch is imported
+        from .hf_generator import TransformersGenerator  # torch is imported only when a model is loaded
+
         _load_started = _load_started or time.monotonic()
         try:
             _generator = TransformersGenerator.load(

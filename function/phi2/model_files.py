@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -100,3 +101,31 @@ def verify(directory: Path, manifest: Manifest, *, checksums: bool) -> None:
             raise ModelLoadError(f"{name} has {size} bytes, the manifest says {meta['size']} (truncated or replaced)")
         if checksums and sha256_of(path) != meta["sha256"]:
             raise ModelLoadError(f"{name} does not match its sha256 in the manifest (corrupted or replaced)")
+
+
+PREFETCH_CHUNK = 16 * 2**20
+
+
+def prefetch(model_dir: Path) -> threading.Thread:
+    """Start reading the weight files into the page cache, in a background thread.
+
+    At a cold start the weights come from a cold disk (on Lambda, an image fetched on demand), and importing
+    torch and transformers takes seconds of one core: read this way, the disk works while the imports run,
+    and the loader then maps pages already in memory. Plain reads into one small buffer (not posix_fadvise,
+    which some file systems ignore); the memory they fill is page cache, which the kernel may reclaim, not
+    the process's. Errors are ignored: the load that follows reports them properly.
+    """
+
+    def read() -> None:
+        buffer = bytearray(PREFETCH_CHUNK)
+        for path in sorted(model_dir.glob("*.safetensors")):
+            try:
+                with path.open("rb", buffering=0) as f:
+                    while f.readinto(buffer):
+                        pass
+            except OSError:
+                return
+
+    thread = threading.Thread(target=read, name="weights-prefetch", daemon=True)
+    thread.start()
+    return thread

@@ -177,6 +177,9 @@ def _seed_run(model_dir: Path, spawned_at: float) -> dict:
 def _served_run(model_dir: Path, spawned_at: float) -> dict:
     sys.path.insert(0, str(ROOT / "function"))
     imported = time.monotonic()
+    from phi2.model_files import prefetch
+
+    prefetch(model_dir)  # as the function's loader does, before it imports torch
     import torch
 
     from phi2 import cpu, quantization

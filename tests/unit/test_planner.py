@@ -153,7 +153,7 @@ def test_warm_up_moves_the_cost_of_reading_weights_and_of_rows_separately():
     # (a decode step 4x slower, every row 3x faster)
     here = CostModel.linear(fixed_s=0.2, per_row_s=0.001, per_row_ctx_s=0.0)
     p = planner()
-    # WHEN warm-up times a decode step and a 32-token pass there
+    # WHEN warm-up times a decode step and a short prompt pass there
     p.rescale(PassSample(1, 0, 32, here.seconds(1, 0, 32)), decode_step_s=here.seconds(1, 0, 1))
     # THEN prompts of every length are estimated at that CPU's speeds, and a decode step too
     for tokens in (1, 64, 512, 2048):
