@@ -48,7 +48,8 @@ MIN_CHUNK_ROWS = 16
 MAX_CHUNK_ROWS = 2048
 # Chunks may take up to this share of the time an admitted prompt pass leaves to spare.
 SPARE_SHARE_PER_CHUNK = 0.25
-# One measurement per forward pass is all a rescale needs; more do not pay at cold start.
+# A measured speed moves the model by at most this factor either way: a pass timed during a freeze or a
+# burst must not make it absurd.
 SCALE_LIMITS = (0.05, 20.0)
 
 
@@ -372,7 +373,7 @@ class Planner:
             predicted = self._cost.seconds(sample.batch, sample.start, sample.tokens)
             if predicted <= 0:
                 return
-            observed = min(max(sample.seconds / predicted, SCALE_LIMITS[0]), SCALE_LIMITS[1])
+            observed = _clamp(sample.seconds / predicted)
             self._scale += LEARNING_RATE * (observed - self._scale)
             self._best_scale = min(self._best_scale, observed)
 

@@ -114,7 +114,7 @@ def _vm_hwm_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
 
 
-def _prompt_of(tokenizer, length: int) -> str:
+def prompt_of(tokenizer, length: int) -> str:
     """The first `length` tokens of the fixed text, as text (what a client would send)."""
     ids = tokenizer(QUALITY_TEXT.read_text(), add_special_tokens=False)["input_ids"]
     if len(ids) < length:
@@ -161,7 +161,7 @@ def _seed_run(model_dir: Path, spawned_at: float) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     load_s = time.monotonic() - loading
-    prompts = {n: _prompt_of(tokenizer, n) for n in PROMPT_LENGTHS}
+    prompts = {n: prompt_of(tokenizer, n) for n in PROMPT_LENGTHS}
     request(prompts[32], 1)
     cold_start_s = time.time() - spawned_at
     result = {"import_s": import_s, "load_s": load_s, "cold_start_s": cold_start_s}
@@ -198,7 +198,7 @@ def _served_run(model_dir: Path, spawned_at: float) -> dict:
     settings = get_settings()
     generator = TransformersGenerator.load(model_dir, warmup=settings.warmup, num_threads=settings.num_threads)
     load_s = time.monotonic() - loading
-    prompts = {n: _prompt_of(generator.tokenizer, n) for n in PROMPT_LENGTHS}
+    prompts = {n: prompt_of(generator.tokenizer, n) for n in PROMPT_LENGTHS}
     request(prompts[32], 1)
     cold_start_s = time.time() - spawned_at
     result = {"import_s": import_s, "load_s": load_s, "cold_start_s": cold_start_s}

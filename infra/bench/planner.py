@@ -25,7 +25,7 @@ BATCHES = (1, 2, 4, 8)
 
 
 def row(model_dir: Path, chunk_seconds: float) -> str:
-    from bench import _prompt_of
+    from bench import prompt_of
 
     from phi2.generator import GenerationParams
     from phi2.hf_generator import TransformersGenerator
@@ -35,7 +35,7 @@ def row(model_dir: Path, chunk_seconds: float) -> str:
     # Before any request: what the warm-up check alone tells the planner
     speeds = planner.describe()
     largest = " / ".join(f"{planner.largest_prompt(b, BUDGET_S):,}" for b in BATCHES)
-    prompt = _prompt_of(generator.tokenizer, 512)
+    prompt = prompt_of(generator.tokenizer, 512)
     plan = planner.admit(1, generator.count_tokens(prompt), LONG_BUDGET_S)
     params = GenerationParams(max_new_tokens=1, do_sample=False)
     result = generator.generate([prompt], params, time.monotonic() + LONG_BUDGET_S)
