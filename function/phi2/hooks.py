@@ -66,7 +66,7 @@ class Passes:
             ids = args[0]
         tokens = ids.shape[1] if ids is not None else 1
         if self.in_prompt and self.done > 0:
-            self.planner.check_rest(self.plan, self.done, self.deadline - time.monotonic())
+            self.planner.check_rest(self.plan, self.done, self.deadline - time.monotonic(), self.prefill_s)
         start = self.done if self.in_prompt else self.plan.width
         self._shape = (ids.shape[0] if ids is not None else self.plan.batch, start, tokens)
         self._began = time.monotonic()

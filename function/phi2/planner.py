@@ -13,12 +13,12 @@ The prompt's forward pass cannot be interrupted once a chunk is running, so the 
   must not make the function refuse everything (a refused request measures nothing, so it could never
   recover). Admission considers every chunk size it may use, so a prompt is not refused for the cost
   of chunks smaller than its time allows;
-- cuts the prompt into chunks, and between chunks gives up as soon as the refined estimate of the rest no
-  longer fits: a wrong estimate overruns by at most one chunk. A chunk takes about `chunk_seconds` when
-  time is short; with time to spare chunks grow, up to a quarter of the spare time (so one chunk could
-  run five times slower than estimated and still end in time), because every chunk reads every weight
-  once more: for an int8 Phi-2 on two vCPUs, 1-second chunks made a 512-token prompt take ~1.9x the
-  time of one pass.
+- cuts the prompt into chunks, and between chunks gives up as soon as the rest no longer fits at the speed
+  this request has shown so far: a wrong estimate overruns by at most one chunk. A chunk takes about
+  `chunk_seconds` when time is short; with time to spare chunks grow, as long as each starts with at least
+  CHUNK_SLOWDOWN times its estimate left (so it could run that much slower and still end in time), because
+  every chunk reads every weight once more: for an int8 Phi-2 on two vCPUs, 1-second chunks made a
+  512-token prompt take ~1.9x the time of one pass.
 
 No AWS types and no torch here: the generator feeds it measurements and asks it questions.
 """
@@ -46,8 +46,14 @@ LEARNING_RATE = 0.3
 WORST_VS_BEST = 2.0
 MIN_CHUNK_ROWS = 16
 MAX_CHUNK_ROWS = 2048
-# Chunks may take up to this share of the time an admitted prompt pass leaves to spare.
-SPARE_SHARE_PER_CHUNK = 0.25
+# Every chunk larger than `chunk_seconds` must start with at least this many times its estimate left. The
+# first chunk's cover is for a wrong speed; after it, this request's own timings correct the estimate of the
+# rest (check_rest), so later chunks need cover only for a burst. (A quarter of the spare time, i.e. 5x
+# cover for the last chunk, refused a SmolLM2 prompt whose one pass took 45 % of the time left as soon as
+# the estimate was 15 % pessimistic.)
+CHUNK_SLOWDOWN = 2.0
+# Admission tries the prompt in 1 to this many equal chunks (and in `chunk_seconds` chunks).
+MAX_PLAN_CHUNKS = 16
 # A measured speed moves the model by at most this factor either way: a pass timed during a freeze or a
 # burst must not make it absurd.
 SCALE_LIMITS = (0.05, 20.0)
@@ -277,43 +283,44 @@ class Planner:
                 high = mid - 1
         return max(1, low // batch)
 
+    def chunk_costs(
+        self, batch: int, width: int, start: int = 0, chunk: int | None = None, *, admission: bool = False
+    ) -> list[float]:
+        """Estimated seconds of each chunk that reads prompt tokens `start`..`width` of `batch` rows."""
+        chunk = chunk or self.chunk_tokens(batch)
+        return [
+            self.estimate_pass(batch, position, min(chunk, width - position), admission=admission)
+            for position in range(start, width, chunk)
+        ]
+
     def prompt_seconds(
         self, batch: int, width: int, start: int = 0, chunk: int | None = None, *, admission: bool = False
     ) -> float:
         """Estimated seconds to read prompt tokens `start`..`width` of `batch` rows, chunk by chunk."""
-        chunk = chunk or self.chunk_tokens(batch)
-        total, position = 0.0, start
-        while position < width:
-            tokens = min(chunk, width - position)
-            total += self.estimate_pass(batch, position, tokens, admission=admission)
-            position += tokens
-        return total
+        return sum(self.chunk_costs(batch, width, start, chunk, admission=admission))
 
     def plan(self, batch: int, width: int, available_s: float) -> Plan | None:
         """The fastest admissible way to read this prompt in `available_s`, or None if there is none.
 
-        Chunks of about `chunk_seconds` are always allowed; a larger chunk only if, at the current speed,
-        it takes at most a quarter of the time its plan leaves to spare (so one chunk could run five times
-        slower than estimated and still end in time). The largest allowed chunk wins: every chunk reads
-        every weight once more. Admission estimates at the admission speed (see estimate_pass).
+        It tries `chunk_seconds` chunks, which are always allowed (the margin covers one of them), and the
+        prompt cut into 1 to MAX_PLAN_CHUNKS equal larger chunks, each of which must start with CHUNK_SLOWDOWN
+        times its estimate left. Fewer chunks are faster: every chunk reads every weight once more.
+        Admission estimates at the admission speed (see estimate_pass).
         """
-        base = self.chunk_tokens(batch)
-        best, tried, candidates = None, set(), [base]
-        while candidates and len(tried) < 32:
-            chunk = min(candidates.pop(), width)
-            if chunk in tried:
+        base = min(self.chunk_tokens(batch), width) or 1
+        largest = max(MAX_CHUNK_ROWS // batch, base)
+        candidates = {base} | {c for n in range(1, MAX_PLAN_CHUNKS + 1) if base < (c := -(-width // n)) <= largest}
+        best = None
+        for chunk in sorted(candidates, reverse=True):
+            costs = self.chunk_costs(batch, width, chunk=chunk, admission=True)
+            estimated = sum(costs)
+            if estimated > available_s or (best is not None and estimated >= best.estimated_s):
                 continue
-            tried.add(chunk)
-            estimated = self.prompt_seconds(batch, width, chunk=chunk, admission=True)
-            last = self.estimate_pass(batch, max(width - chunk, 0), chunk)  # the longest chunk
-            spare = available_s - estimated
-            allowed = spare >= 0 and (chunk <= base or last <= SPARE_SHARE_PER_CHUNK * spare)
-            if allowed and (best is None or estimated < best.estimated_s):
-                best = Plan(batch=batch, width=width, chunk_tokens=chunk, estimated_s=estimated)
-            if chunk < width:  # larger chunks: twice this one, and the one this one's spare time allows
-                candidates.append(2 * chunk)
-                if spare > 0:
-                    candidates.append(self.chunk_tokens(batch, SPARE_SHARE_PER_CHUNK * spare))
+            if chunk > base:
+                started = itertools.accumulate(costs[:-1], initial=0.0)  # the estimated time before each
+                if any(CHUNK_SLOWDOWN * c > available_s - t for c, t in zip(costs, started, strict=True)):
+                    continue
+            best = Plan(batch=batch, width=width, chunk_tokens=chunk, estimated_s=estimated)
         return best
 
     def largest_prompt(self, batch: int, available_s: float) -> int:
@@ -342,9 +349,14 @@ class Planner:
             )
         return plan
 
-    def check_rest(self, plan: Plan, done: int, available_s: float) -> None:
-        """Between chunks: give up (PromptTooLongForDeadline) if the rest of the prompt no longer fits."""
+    def check_rest(self, plan: Plan, done: int, available_s: float, spent_s: float = 0.0) -> None:
+        """Between chunks: give up (PromptTooLongForDeadline) if the rest of the prompt no longer fits, at the
+        current speed or, if this request's chunks so far (`spent_s` for `done` tokens) ran slower than it
+        says, at theirs: the moving average learns a slow CPU over requests, this request cannot wait."""
         rest = self.prompt_seconds(plan.batch, plan.width, start=done, chunk=plan.chunk_tokens)
+        expected = self.prompt_seconds(plan.batch, done, chunk=plan.chunk_tokens)
+        if expected > 0 and spent_s > expected:
+            rest *= spent_s / expected
         if rest > available_s:
             raise PromptTooLongForDeadline(
                 prompt_tokens=plan.width,

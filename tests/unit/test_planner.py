@@ -9,7 +9,7 @@ import pytest
 from phi2.errors import PromptTooLongForDeadline
 from phi2.generator import GenerationParams
 from phi2.hf_generator import TransformersGenerator
-from phi2.planner import WORST_VS_BEST, Calibration, CostModel, PassSample, Planner
+from phi2.planner import CHUNK_SLOWDOWN, WORST_VS_BEST, Calibration, CostModel, PassSample, Planner
 
 # A model that reads 100 prompt tokens a second and takes 50 ms per pass, attention not counted.
 COST = CostModel.linear(fixed_s=0.05, per_row_s=0.01, per_row_ctx_s=0.0)
@@ -73,22 +73,23 @@ def test_a_burst_of_slow_passes_does_not_make_admission_refuse_what_fits_at_the_
         p.admit(batch=1, width=500, available_s=0.9 * best)
 
 
-def test_chunks_stay_small_when_time_is_short_and_grow_to_a_quarter_of_the_time_to_spare():
+def test_chunks_stay_small_when_time_is_short_and_grow_while_each_could_run_twice_as_slow():
     p = planner()
-    # GIVEN little time to spare (400 tokens, about 4.3 s in 1 s chunks, with 6 s left): 1 s chunks
-    assert p.admit(batch=1, width=400, available_s=6.0).chunk_tokens == p.chunk_tokens(1) == 95
+    # GIVEN little time to spare (400 tokens, about 4.3 s in 1 s chunks, with 4.4 s left): 1 s chunks
+    assert p.admit(batch=1, width=400, available_s=4.4).chunk_tokens == p.chunk_tokens(1) == 95
     # GIVEN plenty: the whole prompt in one pass (every chunk reads every weight once more)
     assert p.admit(batch=1, width=400, available_s=100.0).chunks == 1
-    # GIVEN some: chunks larger than 1 s, each at most a quarter of the time the plan leaves to spare
+    # GIVEN some: equal chunks larger than 1 s, fewer than 1 s chunks would take
     plan = p.admit(batch=1, width=1000, available_s=18.0)
-    chunk_s = p.estimate_pass(1, 0, plan.chunk_tokens)
-    assert plan.chunk_tokens > p.chunk_tokens(1) and chunk_s <= 0.25 * (18.0 - plan.estimated_s)
-    assert plan.estimated_s < p.prompt_seconds(1, 1000)
-    # AND twice that chunk would not have been allowed
-    twice = p.prompt_seconds(1, 1000, chunk=2 * plan.chunk_tokens)
-    assert p.estimate_pass(1, 0, 2 * plan.chunk_tokens) > 0.25 * (18.0 - twice)
-    # THEN even a chunk five times slower than its estimate leaves the pass inside the time it had
-    assert plan.estimated_s + 4 * chunk_s <= 18.0
+    assert 1 < plan.chunks < 1000 / p.chunk_tokens(1) and plan.estimated_s < p.prompt_seconds(1, 1000)
+    # THEN every chunk starts with at least twice its estimate left: it could run twice as slow and end in time
+    costs = p.chunk_costs(1, 1000, chunk=plan.chunk_tokens)
+    assert sum(costs) == pytest.approx(plan.estimated_s)
+    for i, cost in enumerate(costs):
+        assert sum(costs[:i]) + CHUNK_SLOWDOWN * cost <= 18.0
+    # AND one chunk fewer would not have left that much time for one of them
+    fewer = p.chunk_costs(1, 1000, chunk=-(-1000 // (plan.chunks - 1)))
+    assert any(sum(fewer[:i]) + CHUNK_SLOWDOWN * cost > 18.0 for i, cost in enumerate(fewer))
 
 
 def test_a_prompt_is_not_refused_for_the_cost_of_chunks_smaller_than_its_time_allows():
@@ -99,9 +100,9 @@ def test_a_prompt_is_not_refused_for_the_cost_of_chunks_smaller_than_its_time_al
     assert p.prompt_seconds(1, 1000) > 12 and p.estimate_pass(1, 0, 1000) == pytest.approx(2.7)
     # WHEN it is asked for
     plan = p.admit(batch=1, width=1000, available_s=6.5)
-    # THEN it is admitted, in chunks whose sum fits and each of which leaves room for four more like it
+    # THEN it is admitted, in chunks whose sum fits and the last of which could run twice as slow
     assert plan.estimated_s <= 6.5
-    assert plan.estimated_s + 4 * p.estimate_pass(1, 0, plan.chunk_tokens) <= 6.5
+    assert plan.estimated_s + (CHUNK_SLOWDOWN - 1) * p.estimate_pass(1, 0, plan.chunk_tokens) <= 6.5
 
 
 def test_the_cost_model_follows_a_kernel_switch_that_one_line_cannot():
@@ -140,6 +141,21 @@ def test_between_chunks_a_slower_than_estimated_pass_gives_up_early():
     # WHEN the rest is checked with the time that is left
     with pytest.raises(PromptTooLongForDeadline):
         p.check_rest(plan, done=2 * plan.chunk_tokens, available_s=6.0 - 2 * 3 * 0.95)
+
+
+def test_between_chunks_this_requests_own_slowness_counts_before_the_average_learns_it():
+    # GIVEN a plan of a few chunks, whose first chunk ran 1.5x slower than estimated (the moving average
+    # moves only part of the way towards it)
+    p = planner()
+    plan = p.admit(batch=1, width=400, available_s=6.0)
+    assert plan.chunks > 1
+    spent = 1.5 * p.estimate_pass(1, 0, plan.chunk_tokens)
+    p.learn(PassSample(1, 0, plan.chunk_tokens, spent))
+    assert p.prompt_seconds(1, 400, start=plan.chunk_tokens, chunk=plan.chunk_tokens) < 6.0 - spent
+    # WHEN the rest is checked with this request's time so far
+    # THEN it gives up: at this request's speed the rest cannot fit
+    with pytest.raises(PromptTooLongForDeadline):
+        p.check_rest(plan, done=plan.chunk_tokens, available_s=6.0 - spent, spent_s=spent)
 
 
 def test_warm_up_rescales_the_calibrated_speeds_to_this_cpu():
@@ -200,12 +216,14 @@ def test_a_prompt_that_cannot_be_read_in_time_is_refused_before_any_compute(smol
 
 
 def test_a_prompt_pass_that_turns_out_slower_stops_between_chunks(smol):
-    # GIVEN a request admitted on the measured speed with little time to spare (so its chunks stay about
-    # chunk_seconds long), then a CPU that becomes 4x slower mid-prompt
+    # GIVEN a request admitted on the measured speed with too little time for one pass (1.9x its estimate:
+    # one pass needs twice, so it is read in a few chunks), then a CPU that is 4x slower than measured
     prompt = "word " * 1200
     tokens = smol.count_tokens(prompt)
-    estimate = smol.planner.prompt_seconds(1, tokens)
-    chunk_s = smol.planner.estimate_pass(1, 0, smol.planner.chunk_tokens(1))
+    budget = 1.9 * smol.planner.estimate_pass(1, 0, tokens)
+    plan = smol.planner.plan(1, tokens, budget)
+    assert plan is not None and plan.chunks > 1
+    chunk_s = smol.planner.estimate_pass(1, 0, plan.chunk_tokens)
     slow = {"on": False}
 
     def slower(module, args, kwargs, output):
@@ -217,7 +235,6 @@ def test_a_prompt_pass_that_turns_out_slower_stops_between_chunks(smol):
     post = smol.model.register_forward_hook(slower, with_kwargs=True)
     try:
         slow["on"] = True
-        budget = 1.25 * estimate
         started = time.monotonic()
         # WHEN it runs
         with pytest.raises(PromptTooLongForDeadline):
@@ -227,6 +244,7 @@ def test_a_prompt_pass_that_turns_out_slower_stops_between_chunks(smol):
         slow["on"] = False
         pre.remove()
         post.remove()
-    # THEN it gave up between chunks, before the deadline plus one (slowed) chunk
-    assert len([s for s in smol.last_passes if s.tokens > 1]) < -(-tokens // smol.planner.chunk_tokens(1))
+    # THEN it gave up between chunks, as soon as this request's own chunks showed the rest could not fit:
+    # after the first, before the deadline plus one (slowed) chunk
+    assert len([s for s in smol.last_passes if s.tokens > 1]) == 1
     assert elapsed < budget + 4 * chunk_s + 0.5
