@@ -70,8 +70,9 @@ RUN /opt/venv/bin/pip install --quiet -c /src/constraints.txt -r /src/requiremen
 # The weights depend on the preparation script and the modules that write the serving format, and on nothing
 # else: editing the handler must neither download and quantize Phi-2 again nor change the weights layer.
 COPY infra/prepare_model.py /src/infra/
-COPY function/phi2/__init__.py function/phi2/errors.py function/phi2/model_files.py function/phi2/planner.py \
-     function/phi2/quantization.py function/phi2/aligned_safetensors.py /src/function/phi2/
+COPY function/phi2/__init__.py function/phi2/errors.py /src/function/phi2/
+COPY function/phi2/engine/__init__.py function/phi2/engine/model_files.py function/phi2/engine/planner.py \
+     function/phi2/engine/quantization.py function/phi2/engine/aligned_safetensors.py /src/function/phi2/engine/
 # microsoft/phi-2 (default), smollm2 or tiny-phi (the small models shipped on PyPI), or a .gguf path.
 ARG MODEL_ID=microsoft/phi-2
 ARG MODEL_REVISION=ef382358ec9e382308935a992d908de099b64c23
@@ -132,4 +133,4 @@ COPY function/ /var/task/
 RUN python -m compileall -q /var/task > /dev/null && chmod -R a+rX /var/task
 WORKDIR /var/task
 ENTRYPOINT ["/usr/local/bin/drop-root.sh", "/usr/local/bin/entrypoint.sh"]
-CMD ["phi2.handler.lambda_handler"]
+CMD ["phi2.runtime.handler.lambda_handler"]

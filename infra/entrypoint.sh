@@ -3,18 +3,18 @@
 # Under Lambda (AWS_LAMBDA_RUNTIME_API is set) that is all. Anywhere else (`docker run`, `make serve`)
 # the same command runs under the Lambda Runtime Interface Emulator, which serves
 #   POST http://<RIE_ADDRESS>/2015-03-31/functions/function/invocations
-# The streaming surface's Command is the module phi2.stream_runtime, a Runtime API loop of its own that
-# streams responses (awslambdaric cannot): it runs as `python -m phi2.stream_runtime`, the same two ways.
+# The streaming surface's Command is the module phi2.runtime.stream_runtime, a Runtime API loop of its own that
+# streams responses (awslambdaric cannot): it runs as `python -m phi2.runtime.stream_runtime`, the same two ways.
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
-handler="${1:-${HANDLER:-phi2.handler.lambda_handler}}"
+handler="${1:-${HANDLER:-phi2.runtime.handler.lambda_handler}}"
 python="${PYTHON:-python}"
 # `python -m` imports the handler from the working directory, as Lambda does from its task root.
 cd "${LAMBDA_TASK_ROOT:-$here/../function}"
 
 case "$handler" in
-    phi2.stream_runtime) set -- "$python" -m phi2.stream_runtime ;;
+    phi2.runtime.stream_runtime) set -- "$python" -m phi2.runtime.stream_runtime ;;
     *) set -- "$python" -m awslambdaric "$handler" ;;
 esac
 

@@ -30,10 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "function"))
 
-from phi2 import quantization
+from phi2.engine import quantization
+from phi2.engine.model_files import MANIFEST_NAME, Manifest, describe_files, read_manifest, verify
+from phi2.engine.planner import CALIBRATION_FILE, Calibration
 from phi2.errors import ModelLoadError
-from phi2.model_files import MANIFEST_NAME, Manifest, describe_files, read_manifest, verify
-from phi2.planner import CALIBRATION_FILE, Calibration
 
 # Hub models are pinned to a commit so that an image rebuilt later serves the same weights.
 PINNED_REVISIONS = {"microsoft/phi-2": "ef382358ec9e382308935a992d908de099b64c23"}
@@ -286,8 +286,8 @@ def calibrate(directory: Path) -> None:
     that holds them) stay byte-identical from one preparation to the next. Importing the serving code sets it
     offline, which is safe here: every download is done.
     """
-    from phi2 import cpu
-    from phi2.hf_generator import TransformersGenerator
+    from phi2.engine import cpu
+    from phi2.engine.hf_generator import TransformersGenerator
 
     started = time.monotonic()
     generator = TransformersGenerator.load(directory, warmup=False)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Watch the streaming surface stream, locally: API Gateway's streaming integration and Lambda's Runtime API,
-played by one small server, with the streaming runtime (`phi2.stream_runtime`) attached to it.
+played by one small server, with the streaming runtime (`phi2.runtime.stream_runtime`) attached to it.
 
 `sam local start-api` buffers streamed responses, and the Lambda RIE hands a streamed response to its caller
 whole, so neither shows tokens as they come. This server does, for one function, what the deployed stack
@@ -248,13 +248,13 @@ def main() -> int:
     parser.add_argument(
         "--command",
         nargs=argparse.REMAINDER,
-        help="the runtime to attach (default: infra/entrypoint.sh phi2.stream_runtime, as the image runs it)",
+        help="the runtime to attach (default: infra/entrypoint.sh phi2.runtime.stream_runtime, as the image runs it)",
     )
     args = parser.parse_args()
     if not args.model_dir and not args.command:
         parser.error("give --model-dir (a prepared model, e.g. .cache/models/smollm2-auto)")
     server = StreamServer(args.port, args.function_timeout)
-    command = args.command or [str(ROOT / "infra" / "entrypoint.sh"), "phi2.stream_runtime"]
+    command = args.command or [str(ROOT / "infra" / "entrypoint.sh"), "phi2.runtime.stream_runtime"]
     environment = {
         **os.environ,
         "AWS_LAMBDA_RUNTIME_API": f"127.0.0.1:{server.port}",

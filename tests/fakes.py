@@ -6,8 +6,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from phi2.errors import ContextLengthExceeded
-from phi2.generator import (
+from phi2.engine.generator import (
     Completion,
     GenerationParams,
     GenerationResult,
@@ -17,6 +16,7 @@ from phi2.generator import (
     StepEvent,
     TokenLogprob,
 )
+from phi2.errors import ContextLengthExceeded
 
 FIRST_TOKEN_ID = 1000
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 
-from phi2 import streams
+from phi2.api import streams
 
 
 class RecordingStream(streams.ResponseStream):

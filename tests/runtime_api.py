@@ -243,7 +243,7 @@ def sse_events(body: bytes) -> list[dict[str, Any]]:
 
 
 class RuntimeProcess:
-    """A runtime process pointed at a stand-in, as Lambda starts one: `python -m phi2.stream_runtime` (or a
+    """A runtime process pointed at a stand-in, as Lambda starts one: `python -m phi2.runtime.stream_runtime` (or a
     test script around it) with AWS_LAMBDA_RUNTIME_API set, from the function's directory."""
 
     def __init__(self, stand_in: RuntimeApiStandIn, args: list[str], **env: str) -> None:

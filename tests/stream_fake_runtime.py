@@ -1,4 +1,4 @@
-"""Run the streaming runtime (`phi2.stream_runtime.main`, unchanged) with the FakeGenerator in place of the
+"""Run the streaming runtime (`phi2.runtime.stream_runtime.main`, unchanged) with the FakeGenerator in place of the
 model, for tests of the runtime loop that need no model: `FAKE_GENERATOR` holds the fake's fields as JSON."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import os
 
 from fakes import FakeGenerator
 
-from phi2 import generator
+from phi2.engine import generator
 
 fields = json.loads(os.environ.get("FAKE_GENERATOR", "{}"))
 if "tokens" in fields:
@@ -19,6 +19,6 @@ generator._generator = fake
 generator.get_generator = lambda wait_s=None: fake
 
 if __name__ == "__main__":
-    from phi2 import stream_runtime
+    from phi2.runtime import stream_runtime
 
     stream_runtime.main()

@@ -177,14 +177,14 @@ def _seed_run(model_dir: Path, spawned_at: float) -> dict:
 def _served_run(model_dir: Path, spawned_at: float) -> dict:
     sys.path.insert(0, str(ROOT / "function"))
     imported = time.monotonic()
-    from phi2.model_files import prefetch
+    from phi2.engine.model_files import prefetch
 
     prefetch(model_dir)  # as the function's loader does, before it imports torch
     import torch
 
-    from phi2 import cpu, quantization
-    from phi2.generator import GenerationParams
-    from phi2.hf_generator import TransformersGenerator
+    from phi2.engine import cpu, quantization
+    from phi2.engine.generator import GenerationParams
+    from phi2.engine.hf_generator import TransformersGenerator
     from phi2.settings import get_settings
 
     import_s = time.monotonic() - imported
@@ -222,7 +222,7 @@ def _quality(reference_dir: Path, candidate_dirs: dict[str, Path]) -> dict:
     sys.path.insert(0, str(ROOT / "function"))
     import torch
 
-    from phi2.hf_generator import TransformersGenerator
+    from phi2.engine.hf_generator import TransformersGenerator
 
     prompts = json.loads(PROMPTS.read_text())["quality"]
     text = QUALITY_TEXT.read_text()

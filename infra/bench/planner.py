@@ -27,8 +27,8 @@ BATCHES = (1, 2, 4, 8)
 def row(model_dir: Path, chunk_seconds: float) -> str:
     from bench import prompt_of
 
-    from phi2.generator import GenerationParams
-    from phi2.hf_generator import TransformersGenerator
+    from phi2.engine.generator import GenerationParams
+    from phi2.engine.hf_generator import TransformersGenerator
 
     generator = TransformersGenerator.load(model_dir, chunk_seconds=chunk_seconds)
     planner = generator.planner

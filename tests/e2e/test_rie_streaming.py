@@ -1,5 +1,5 @@
 """The streaming surface end to end through the real Lambda RIE with a real model (SmolLM2-135M): the image's
-entry script started with the streaming Command (`phi2.stream_runtime`), next to the buffered surface
+entry script started with the streaming Command (`phi2.runtime.stream_runtime`), next to the buffered surface
 (awslambdaric). The RIE accepts the streamed POST and returns it whole: the prelude and its content type,
 the 8-NUL delimiter, well-formed Server-Sent Events, and the same text as the buffered route for the same
 greedy or seeded request; and the real `openai` SDK with `stream=True` reassembles exactly the buffered
@@ -28,7 +28,7 @@ def surfaces(smollm2_dir):
     """(streaming, buffered): the two surfaces of the template, each under its own RIE."""
     # The protocol is under test here, not the deadline: budgets generous enough that a loaded machine does
     # not turn either surface's answer into a time limit.
-    streaming = RieServer(smollm2_dir, HANDLER="phi2.stream_runtime", API_TIMEOUT_MS="300000")
+    streaming = RieServer(smollm2_dir, HANDLER="phi2.runtime.stream_runtime", API_TIMEOUT_MS="300000")
     buffered = RieServer(smollm2_dir, API_TIMEOUT_MS="120000")
     try:
         for surface in (streaming, buffered):

@@ -1,4 +1,4 @@
-"""Incremental delivery with a real model (SmolLM2-135M): `python -m phi2.stream_runtime` against a local
+"""Incremental delivery with a real model (SmolLM2-135M): `python -m phi2.runtime.stream_runtime` against a local
 stand-in of Lambda's Runtime API that timestamps every chunk (the real RIE returns a stream whole, so it
 cannot show when the parts arrived). The first bytes arrive before the prompt pass ends, the first token
 right after it, the others spread over the generation; a stand-in that stops accepting the stream stops the
@@ -29,7 +29,7 @@ def stand_in():
 @pytest.fixture(scope="module")
 def runtime(stand_in, smollm2_dir):
     process = RuntimeProcess(
-        stand_in, ["-m", "phi2.stream_runtime"], MODEL_DIR=str(smollm2_dir), API_TIMEOUT_MS="300000"
+        stand_in, ["-m", "phi2.runtime.stream_runtime"], MODEL_DIR=str(smollm2_dir), API_TIMEOUT_MS="300000"
     )
     # The init phase (model load, warm-up) happens before the first invocation is taken.
     stand_in.invoke(load_event("rest-health"), wait_s=600)

@@ -1,4 +1,4 @@
-"""The streaming runtime's loop (`phi2.stream_runtime.main`, in its own process, with a fake generator) against
+"""The streaming runtime's loop (`phi2.runtime.stream_runtime.main`, in its own process, with a fake generator) against
 a local stand-in of Lambda's Runtime API: what it posts for each kind of invocation, that a failure
 mid-stream ends with an error event and the error trailers, that a stream nobody reads any more stops the
 generation, that it keeps serving afterwards, and that every hostile request of the catalogue gets exactly
@@ -16,8 +16,8 @@ from fakes import FakeGenerator
 from reliability.hostile import load, names
 from runtime_api import RuntimeApiStandIn, RuntimeProcess, split_prelude, sse_events
 
-from phi2 import generator as generator_module
-from phi2 import handler
+from phi2.engine import generator as generator_module
+from phi2.runtime import handler
 
 pytestmark = pytest.mark.e2e
 

@@ -13,7 +13,7 @@ Fixtures to build on (all session-scoped unless said otherwise):
 - `run_function(role, command=None, entrypoint=None, network="none", publish_port=None, read_only=False,
   environment=None, **docker_run_options)`: another container of the same image, removed at the end.
   `command` replaces the image's CMD as template.yaml's ImageConfig.Command does (e.g. a streaming
-  runtime: `run_function("streaming", command=["phi2.stream_runtime"])`), `entrypoint` its ENTRYPOINT.
+  runtime: `run_function("streaming", command=["phi2.runtime.stream_runtime"])`), `entrypoint` its ENTRYPOINT.
   It returns a `FunctionContainer`: `.invoke(event)`, `.exec_python(code)`, `.logs()`, `.attrs`.
 - `offline_function`: the image run as Lambda runs it, `--network none` with a read-only root and a /tmp;
   `.cold` is its cold start: events/rest-generate-greedy.json sent until the model is loaded

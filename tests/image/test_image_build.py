@@ -16,7 +16,7 @@ def test_the_image_drops_root_then_runs_the_entry_script_with_the_handler_as_com
     # THEN its first process is the privilege dropper handing over to the project's entry script
     assert config["Entrypoint"] == ["/usr/local/bin/drop-root.sh", "/usr/local/bin/entrypoint.sh"]
     # AND its command is the handler (what template.yaml's ImageConfig.Command replaces)
-    assert config["Cmd"] == ["phi2.handler.lambda_handler"]
+    assert config["Cmd"] == ["phi2.runtime.handler.lambda_handler"]
     # AND no USER: `sam local` builds a layer on it whose RUN needs root
     assert not config.get("User")
     # AND it says which model it bakes

@@ -1,5 +1,5 @@
 """The image's streaming entry point: the same image run with template.yaml's streaming Command
-(`phi2.stream_runtime`), as Lambda runs it (no network, read-only root with a /tmp), invoked through the RIE
+(`phi2.runtime.stream_runtime`), as Lambda runs it (no network, read-only root with a /tmp), invoked through the RIE
 its own entry script started. The RIE returns a stream whole: the prelude, the 8-NUL delimiter and the
 Server-Sent Events, whose text is the buffered container's for the same greedy request."""
 
@@ -15,7 +15,7 @@ from image.image_harness import ROOT, load_event
 
 pytestmark = pytest.mark.image
 
-STREAM_COMMAND = ["phi2.stream_runtime"]
+STREAM_COMMAND = ["phi2.runtime.stream_runtime"]
 GREEDY = {"prompt": "The capital of France is", "max_new_tokens": 12, "do_sample": False}
 
 
@@ -72,7 +72,7 @@ print(json.dumps(found))
 
 def test_the_streaming_command_runs_the_streaming_runtime_under_the_rie_as_a_non_root_user(streaming_function):
     processes = json.loads(streaming_function.exec_python(PROCESSES))
-    runtime = [command for command in processes if "-m phi2.stream_runtime" in command]
+    runtime = [command for command in processes if "-m phi2.runtime.stream_runtime" in command]
     assert runtime, processes
     assert not [command for command in processes if "awslambdaric" in command], processes
     assert all(processes[command] != "0" for command in runtime)

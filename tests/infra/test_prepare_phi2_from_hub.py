@@ -22,11 +22,11 @@ import torch
 from conftest import ROOT
 from safetensors.torch import load_file
 
-from phi2 import quantization
-from phi2.aligned_safetensors import misaligned
-from phi2.generator import GenerationParams
-from phi2.hf_generator import TransformersGenerator
-from phi2.model_files import read_manifest
+from phi2.engine import quantization
+from phi2.engine.aligned_safetensors import misaligned
+from phi2.engine.generator import GenerationParams
+from phi2.engine.hf_generator import TransformersGenerator
+from phi2.engine.model_files import read_manifest
 
 PREPARE = ROOT / "infra" / "prepare_model.py"
 WRONG_REVISION = "0" * 40

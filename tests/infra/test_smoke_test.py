@@ -17,8 +17,8 @@ from conftest import AWS_REGION, LambdaContext, load_event
 from fakes import FakeGenerator
 from moto import mock_aws
 
-from phi2 import generator as generator_module
-from phi2 import handler
+from phi2.engine import generator as generator_module
+from phi2.runtime import handler
 
 STACK = "phi2-lambda"
 REGION = AWS_REGION

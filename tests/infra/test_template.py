@@ -124,7 +124,7 @@ def test_sam_build_metadata_builds_the_projects_dockerfile_with_pinned_phi2():
 
 
 def test_rest_api_routes_are_the_handlers_routes_on_the_live_alias(cfn):
-    from phi2 import handler
+    from phi2.runtime import handler
 
     paths = api_paths(cfn)
     # THEN the API serves exactly the routes the handler implements, with the same methods
@@ -302,7 +302,7 @@ OPENAI_ROUTES = {"/chat/completions": "post", "/completions": "post", "/models":
 
 @pytest.mark.parametrize("require", ["true", "false"])
 def test_openai_routes_sit_at_the_api_root_with_the_key_and_timeout_of_generate(require):
-    from phi2.openai_api.routes import ROUTES
+    from phi2.api.openai.routes import ROUTES
 
     # GIVEN the translated template, with and without API keys
     cfn = translate(RequireApiKey=require)

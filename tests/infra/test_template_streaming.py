@@ -42,7 +42,7 @@ def test_the_streaming_function_runs_the_same_image_with_the_streaming_runtime_a
         assert stream[key] == buffered[key], key
     # AND its Command is the streaming runtime's module, which the entry script runs with `python -m`
     (command,) = stream["ImageConfig"]["Command"]
-    assert command == "phi2.stream_runtime"
+    assert command == "phi2.runtime.stream_runtime"
     assert callable(importlib.import_module(command).main)
     assert f'{command}) set -- "$python" -m {command}' in (ROOT / "infra" / "entrypoint.sh").read_text()
     # AND `sam build` builds it from the same Dockerfile and arguments
@@ -87,7 +87,7 @@ def test_the_stream_timeout_is_within_api_gateways_streaming_limit_and_the_funct
 
 
 def test_the_streaming_api_serves_every_route_of_the_buffered_api_and_of_the_handler(cfn):
-    from phi2 import handler
+    from phi2.runtime import handler
 
     streamed = set(operations(cfn, "StreamApi"))
     # THEN both APIs have the same routes, which are exactly the handler's

@@ -14,9 +14,9 @@ import pytest
 from conftest import load_event
 from rie import RieServer, api_body
 
+from phi2.engine.hf_generator import TransformersGenerator
+from phi2.engine.model_files import MANIFEST_NAME, describe_files, read_manifest, verify
 from phi2.errors import ModelLoadError
-from phi2.hf_generator import TransformersGenerator
-from phi2.model_files import MANIFEST_NAME, describe_files, read_manifest, verify
 
 WEIGHTS = "model.safetensors"
 

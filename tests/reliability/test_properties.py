@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from phi2 import generator as generator_module
-from phi2 import handler
-from phi2.schemas import MAX_NEW_TOKENS, MAX_PROMPTS, MAX_STOP_SEQUENCES, GenerateRequest
+from phi2.api.schemas import MAX_NEW_TOKENS, MAX_PROMPTS, MAX_STOP_SEQUENCES, GenerateRequest
+from phi2.engine import generator as generator_module
+from phi2.runtime import handler
 
 # Modest example counts: the whole module runs in seconds on two busy cores.
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -16,8 +16,8 @@ import pytest
 from conftest import ROOT, load_event
 from rie import RieServer, api_body
 
-from phi2.generator import GenerationParams
-from phi2.hf_generator import TransformersGenerator
+from phi2.engine.generator import GenerationParams
+from phi2.engine.hf_generator import TransformersGenerator
 
 SOURCES = sorted([*(ROOT / "function").rglob("*.py"), *(ROOT / "infra").rglob("*.py")])
 
@@ -82,7 +82,7 @@ def test_trust_remote_code_is_never_enabled_anywhere():
 
 def test_the_served_model_is_loaded_only_from_safetensors_and_only_locally():
     # GIVEN the loader: every transformers loader goes through its `_loading` helper
-    calls = _calls(ROOT / "function" / "phi2" / "hf_generator.py")
+    calls = _calls(ROOT / "function" / "phi2" / "engine" / "hf_generator.py")
     loaders = [c for c in calls if _name(c) == "_loading"]
     assert {ast.unparse(c.args[2]).split(".")[0] for c in loaders} == {
         "AutoConfig",

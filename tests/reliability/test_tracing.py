@@ -20,7 +20,7 @@ from runtime_api import RuntimeApiStandIn, RuntimeProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 # The subsegment Powertools names after the function that runs every generation.
-GENERATION = "## phi2.serving.generate"
+GENERATION = "## phi2.api.serving.generate"
 
 
 class XrayDaemonStandIn:
@@ -67,7 +67,7 @@ def test_traces_carry_the_generation_but_no_prompt_or_generated_text(tiny_phi_di
     stand_in.sampled = True
     runtime = RuntimeProcess(
         stand_in,
-        ["-m", "awslambdaric", "phi2.handler.lambda_handler"],
+        ["-m", "awslambdaric", "phi2.runtime.handler.lambda_handler"],
         MODEL_DIR=str(tiny_phi_dir),
         MODEL_LOADING="init",
         POWERTOOLS_TRACE_DISABLED="false",

@@ -8,7 +8,7 @@ from mapped import inside, mappings_of
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from phi2.aligned_safetensors import (
+from phi2.engine.aligned_safetensors import (
     PAD_PREFIX,
     MisalignedFileError,
     load_aligned,

@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-from phi2 import cpu
+from phi2.engine import cpu
 
 AVX2_CAPS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
@@ -18,7 +18,7 @@ AVX2_CAPS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_E
 def describe_in_a_fresh_process(**env: str) -> dict:
     """cpu.describe() in a new interpreter (the caps are read when torch and its libraries load)."""
     clean = {k: v for k, v in os.environ.items() if k not in (*cpu.CAPS, "DNNL_MAX_CPU_ISA")}
-    code = "import json; from phi2 import cpu; print(json.dumps(cpu.describe()))"
+    code = "import json; from phi2.engine import cpu; print(json.dumps(cpu.describe()))"
     completed = subprocess.run(
         [sys.executable, "-c", code],
         env={**clean, **env, "PYTHONPATH": str(ROOT / "function")},
@@ -72,7 +72,10 @@ def test_onednn_caps_are_read_in_onednns_own_order(monkeypatch):
 
 
 def test_the_module_imports_without_torch():
-    code = "import sys; sys.modules['torch'] = None; from phi2 import cpu; print(cpu.hardware_isa(), cpu.onednn_isa())"
+    code = (
+        "import sys; sys.modules['torch'] = None; from phi2.engine import cpu; "
+        "print(cpu.hardware_isa(), cpu.onednn_isa())"
+    )
     completed = subprocess.run(
         [sys.executable, "-c", code],
         env={**os.environ, "PYTHONPATH": str(ROOT / "function")},

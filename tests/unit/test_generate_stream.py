@@ -1,5 +1,5 @@
 """`POST /generate_stream` through the handler with a fake generator: on the buffered surface it names the
-streaming API; on the streaming surface (a response stream bound, as phi2.stream_runtime binds one) it
+streaming API; on the streaming surface (a response stream bound, as phi2.runtime.stream_runtime binds one) it
 streams TGI-shaped Server-Sent Events, opens the stream before the prompt pass, answers errors found before
 the first byte as normal responses, ends a failed stream with an error event, and stops when nobody reads."""
 
@@ -14,8 +14,9 @@ from fakes import FakeGenerator
 from recording_stream import RecordingStream
 from runtime_api import sse_events
 
-from phi2 import generator as generator_module
-from phi2 import handler, streaming, streams
+from phi2.api import streaming, streams
+from phi2.engine import generator as generator_module
+from phi2.runtime import handler
 from phi2.settings import get_settings
 
 

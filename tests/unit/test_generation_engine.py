@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from phi2 import quantization
-from phi2.generator import GenerationParams
-from phi2.hf_generator import TransformersGenerator
-from phi2.planner import Plan
+from phi2.engine import quantization
+from phi2.engine.generator import GenerationParams
+from phi2.engine.hf_generator import TransformersGenerator
+from phi2.engine.planner import Plan
 
 FAR = 3600.0
 
@@ -125,7 +125,7 @@ def test_frequency_penalty_discourages_repeating_generated_tokens(smol):
 
 
 def test_presence_and_frequency_penalties_subtract_per_generated_occurrence():
-    from phi2.sampling import PresenceFrequencyPenalty
+    from phi2.engine.sampling import PresenceFrequencyPenalty
 
     # GIVEN a prompt of two tokens, then generated tokens 3, 3, 5
     penalty = PresenceFrequencyPenalty(presence=0.5, frequency=0.25, prompt_width=2, vocab_size=8)

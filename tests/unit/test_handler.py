@@ -11,8 +11,10 @@ import pytest
 from conftest import ROOT, LambdaContext, load_event
 from fakes import FakeGenerator
 
-from phi2 import errors, handler, serving
-from phi2 import generator as generator_module
+from phi2 import errors
+from phi2.api import serving
+from phi2.engine import generator as generator_module
+from phi2.runtime import handler
 
 
 @pytest.fixture
@@ -33,8 +35,8 @@ def body_of(response: dict) -> dict:
 def test_importing_the_handler_loads_no_model():
     # GIVEN a fresh interpreter outside any Lambda runtime
     code = (
-        "import sys, phi2.handler, phi2.generator as g; "
-        "print(g.load_status() == (None, None), 'phi2.hf_generator' in sys.modules, 'torch' in sys.modules)"
+        "import sys, phi2.runtime.handler, phi2.engine.generator as g; "
+        "print(g.load_status() == (None, None), 'phi2.engine.hf_generator' in sys.modules, 'torch' in sys.modules)"
     )
     # WHEN the handler module is imported
     out = subprocess.run(

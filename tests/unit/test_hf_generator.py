@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 
+from phi2.engine.generator import GenerationParams
+from phi2.engine.hf_generator import TransformersGenerator
 from phi2.errors import ContextLengthExceeded
-from phi2.generator import GenerationParams
-from phi2.hf_generator import TransformersGenerator
 
 GREEDY = GenerationParams(max_new_tokens=12, do_sample=False)
 FAR = 3600.0

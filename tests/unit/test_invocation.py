@@ -8,8 +8,8 @@ import time
 import pytest
 from conftest import LambdaContext, load_event
 
-from phi2 import invocation
 from phi2 import settings as settings_module
+from phi2.runtime import invocation
 
 API_TIMEOUT_S = 29.0
 MARGIN_S = 1.5

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from phi2.model_files import prefetch
+from phi2.engine.model_files import prefetch
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = mmap.PAGESIZE

@@ -18,11 +18,12 @@ from openai.types.chat import ChatCompletion as SdkChatCompletion
 from openai.types.chat import ChatCompletionChunk as SdkChatCompletionChunk
 from reliability.hostile import CATALOGUE, assert_openai_answer, load, outcome
 
-from phi2 import errors, handler
-from phi2 import generator as generator_module
-from phi2.generator import Completion, GenerationParams, GenerationResult, StepEvent, TokenLogprob
-from phi2.openai_api import chat_template, serving
-from phi2.openai_api.protocol import ChatCompletionRequest, CompletionRequest
+from phi2 import errors
+from phi2.api.openai import chat_template, serving
+from phi2.api.openai.protocol import ChatCompletionRequest, CompletionRequest
+from phi2.engine import generator as generator_module
+from phi2.engine.generator import Completion, GenerationParams, GenerationResult, StepEvent, TokenLogprob
+from phi2.runtime import handler
 
 MODEL = "microsoft/phi-2"
 OPENAI_HOSTILE = sorted(path.stem for path in CATALOGUE.glob("openai-*.json"))

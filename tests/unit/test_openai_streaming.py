@@ -16,8 +16,9 @@ from openai.types.chat import ChatCompletionChunk as SdkChatCompletionChunk
 from recording_stream import RecordingStream
 from runtime_api import sse_events
 
-from phi2 import generator as generator_module
-from phi2 import handler, streams
+from phi2.api import streams
+from phi2.engine import generator as generator_module
+from phi2.runtime import handler
 
 MODEL = "microsoft/phi-2"
 TOKENS = (" Paris", " is", " the", " capital", ".")

@@ -6,10 +6,10 @@ import time
 
 import pytest
 
+from phi2.engine.generator import GenerationParams
+from phi2.engine.hf_generator import TransformersGenerator
+from phi2.engine.planner import CHUNK_SLOWDOWN, WORST_VS_BEST, Calibration, CostModel, PassSample, Planner
 from phi2.errors import PromptTooLongForDeadline
-from phi2.generator import GenerationParams
-from phi2.hf_generator import TransformersGenerator
-from phi2.planner import CHUNK_SLOWDOWN, WORST_VS_BEST, Calibration, CostModel, PassSample, Planner
 
 # A model that reads 100 prompt tokens a second and takes 50 ms per pass, attention not counted.
 COST = CostModel.linear(fixed_s=0.05, per_row_s=0.01, per_row_ctx_s=0.0)

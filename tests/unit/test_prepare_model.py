@@ -8,8 +8,8 @@ import shutil
 import prepare_model
 import pytest
 
-from phi2.model_files import read_manifest, sha256_of
-from phi2.planner import CALIBRATION_FILE, Calibration
+from phi2.engine.model_files import read_manifest, sha256_of
+from phi2.engine.planner import CALIBRATION_FILE, Calibration
 
 
 def test_manifest_records_source_dtype_and_the_sha256_of_every_file_but_the_calibration(tiny_phi_dir):

@@ -23,12 +23,12 @@ from conftest import ROOT
 from mapped import inside, mappings_of
 from safetensors.torch import load_file, save_file
 
-from phi2 import quantization
-from phi2.aligned_safetensors import load_aligned, misaligned, save_aligned
+from phi2.engine import quantization
+from phi2.engine.aligned_safetensors import load_aligned, misaligned, save_aligned
+from phi2.engine.generator import GenerationParams
+from phi2.engine.hf_generator import TransformersGenerator
+from phi2.engine.model_files import MANIFEST_NAME, describe_files, read_manifest
 from phi2.errors import ModelLoadError
-from phi2.generator import GenerationParams
-from phi2.hf_generator import TransformersGenerator
-from phi2.model_files import MANIFEST_NAME, describe_files, read_manifest
 
 GREEDY = GenerationParams(max_new_tokens=8, do_sample=False)
 
@@ -271,8 +271,8 @@ sys.path.insert(0, sys.argv[2])
 def status(field):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field + ":"))
 
-from phi2.generator import GenerationParams
-from phi2.hf_generator import TransformersGenerator
+from phi2.engine.generator import GenerationParams
+from phi2.engine.hf_generator import TransformersGenerator
 before = {field: status(field) for field in ("VmRSS", "RssAnon", "RssFile")}
 generator = TransformersGenerator.load(Path(sys.argv[1]))
 params = GenerationParams(max_new_tokens=8, do_sample=False)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from phi2.generator import GenerationParams
-from phi2.schemas import GenerateRequest
+from phi2.api.schemas import GenerateRequest
+from phi2.engine.generator import GenerationParams
 
 
 def errors_of(payload: dict) -> dict[str, str]:

@@ -11,7 +11,7 @@ import time
 import pytest
 from runtime_api import RuntimeApiStandIn, split_prelude
 
-from phi2.stream_runtime import HTTP_INTEGRATION_RESPONSE, RuntimeResponseStream, proxy_prelude
+from phi2.runtime.stream_runtime import HTTP_INTEGRATION_RESPONSE, RuntimeResponseStream, proxy_prelude
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,11 @@ from aws_lambda_powertools.event_handler import Response, content_types
 from aws_lambda_powertools.event_handler.api_gateway import Router
 from aws_lambda_powertools.event_handler.openapi.params import Body
 
-from . import errors, invocation, serving, streaming, streams
-from .generator import StepEvent
-from .schemas import ErrorResponse, GenerateRequest, GenerateResponse, HealthResponse
+from phi2 import errors
+from phi2.api import serving, streaming, streams
+from phi2.api.schemas import ErrorResponse, GenerateRequest, GenerateResponse, HealthResponse
+from phi2.engine.generator import StepEvent
+from phi2.runtime import invocation
 
 router = Router()
 ROUTES = {"/generate": "POST", "/generate_stream": "POST", "/health": "GET"}

@@ -1,7 +1,7 @@
 """OpenAI requests -> the generator's prompts, seeds and GenerationParams; GenerationResults -> OpenAI responses.
 
 No HTTP and no AWS here: `routes` (buffered) and the streaming surface both plan a request with `plan_chat` /
-`plan_completion`, generate through `phi2.serving.generate`, and build their bodies with the functions below
+`plan_completion`, generate through `phi2.api.serving.generate`, and build their bodies with the functions below
 (`chat_response`, `completion_response`, or the chunk builders for a stream).
 
 OpenAI's conventions, where they differ from `/generate`: temperature and top_p default to 1, `temperature: 0`
@@ -22,14 +22,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .. import errors, invocation
-from ..generator import Completion, GenerationParams, GenerationResult, Generator, ModelInfo, StepEvent
-from ..generator import TokenLogprob as NativeLogprob
-from ..schemas import MAX_STOP_SEQUENCES, MIN_TEMPERATURE
-from ..settings import get_settings
-from . import chat_template
-from . import protocol as p
-from .errors import InvalidValue, ModelNotFound, UnsupportedValue
+from phi2 import errors
+from phi2.api.openai import chat_template
+from phi2.api.openai import protocol as p
+from phi2.api.openai.errors import InvalidValue, ModelNotFound, UnsupportedValue
+from phi2.api.schemas import MAX_STOP_SEQUENCES, MIN_TEMPERATURE
+from phi2.engine.generator import Completion, GenerationParams, GenerationResult, Generator, ModelInfo, StepEvent
+from phi2.engine.generator import TokenLogprob as NativeLogprob
+from phi2.runtime import invocation
+from phi2.settings import get_settings
 
 SEED_SPACE = 2**32
 COMPLETION_DEFAULT_MAX_TOKENS = 16

@@ -25,13 +25,15 @@ from aws_lambda_powertools.event_handler.openapi.exceptions import (
 from aws_lambda_powertools.metrics import MetricUnit
 from pydantic import ValidationError
 
-from . import errors, invocation, native
-from .generator import load_status, start_loading
-from .observability import logger, metrics, tracer
-from .openai_api import errors as openai_errors
-from .openai_api import routes as openai_routes
-from .schemas import ErrorResponse, GenerateRequest, HttpEvent, RestEvent
-from .settings import get_settings
+from phi2 import errors
+from phi2.api import native
+from phi2.api.openai import errors as openai_errors
+from phi2.api.openai import routes as openai_routes
+from phi2.api.schemas import ErrorResponse, GenerateRequest, HttpEvent, RestEvent
+from phi2.engine.generator import load_status, start_loading
+from phi2.runtime import invocation
+from phi2.runtime.observability import logger, metrics, tracer
+from phi2.settings import get_settings
 
 settings = get_settings()
 

@@ -21,10 +21,12 @@ from typing import Protocol
 
 from aws_lambda_powertools.event_handler import Response
 
-from . import errors, invocation, serving, streams
-from .generator import GenerationParams, StepEvent
-from .observability import logger
-from .settings import get_settings
+from phi2 import errors
+from phi2.api import serving, streams
+from phi2.engine.generator import GenerationParams, StepEvent
+from phi2.runtime import invocation
+from phi2.runtime.observability import logger
+from phi2.settings import get_settings
 
 STREAM_ERROR_TYPE = "Runtime.StreamError"
 """The error type a failed stream reports in its `Lambda-Runtime-Function-Error-Type` trailer (the value
@@ -76,7 +78,7 @@ class _Opened:
 def not_here(route: str) -> errors.BadRequest:
     """The answer to a streaming request on the buffered surface: where streaming is served."""
     base = get_settings().stream_base_url
-    where = f"POST {base.rstrip('/')}{route}" if base else "the streaming API (the function run as phi2.stream_runtime)"
+    where = f"POST {base.rstrip('/')}{route}" if base else "the streaming API (phi2.runtime.stream_runtime)"
     return errors.BadRequest(
         f"this API answers whole responses only; streams are served by {where}",
         details=[{"stream_base_url": base or None}],

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import StoppingCriteria
 
-from .detokenizer import TextStream
-from .generator import FinishReason, GenerationParams, OnStep, StepEvent, TokenLogprob
-from .planner import PassSample, Plan, Planner
-from .sampling import LogprobRecorder
+from phi2.engine.detokenizer import TextStream
+from phi2.engine.generator import FinishReason, GenerationParams, OnStep, StepEvent, TokenLogprob
+from phi2.engine.planner import PassSample, Plan, Planner
+from phi2.engine.sampling import LogprobRecorder
 
 
 @dataclass

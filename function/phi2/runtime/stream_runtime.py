@@ -1,12 +1,12 @@
-"""The streaming surface's Lambda runtime: `python -m phi2.stream_runtime` (the image's Command for it).
+"""The streaming surface's Lambda runtime: `python -m phi2.runtime.stream_runtime` (the image's Command for it).
 
 Why not awslambdaric: it posts a handler's whole return value once, and cannot stream (response streaming
 for its Python client is an open AWS roadmap item). Lambda's Runtime API can. This loop is the only code
 that stands in for a library, so it keeps awslambdaric for everything but the streamed POST: its runtime
 client gets the next invocation and posts buffered results, errors and init errors; its context object,
 event unmarshalling and error shapes are reused as they are. Each invocation goes through the same
-transport dispatch as the buffered surface (`phi2.handler.lambda_handler`: validation, planner, generator,
-error mapping), with a `RuntimeResponseStream` bound as the current response stream (`phi2.streams`).
+transport dispatch as the buffered surface (`phi2.runtime.handler.lambda_handler`: validation, planner, generator,
+error mapping), with a `RuntimeResponseStream` bound as the current response stream (`phi2.api.streams`).
 
 The streamed response, checked against AWS's documentation and two reference runtimes:
 - `POST /2018-06-01/runtime/invocation/{id}/response` with `Lambda-Runtime-Function-Response-Mode:
@@ -46,7 +46,7 @@ from awslambdaric.lambda_runtime_client import LambdaRuntimeClient
 from awslambdaric.lambda_runtime_exception import FaultException
 from awslambdaric.lambda_runtime_marshaller import LambdaMarshaller, to_json
 
-from . import streams
+from phi2.api import streams
 
 RUNTIME_API_VERSION = "2018-06-01"
 HTTP_INTEGRATION_RESPONSE = "application/vnd.awslambda.http-integration-response"
@@ -282,7 +282,7 @@ def main() -> None:
     client = LambdaRuntimeClient(address)
     started = time.monotonic()
     try:
-        from . import handler, invocation  # the init phase: settings, resolvers, the model
+        from phi2.runtime import handler, invocation  # the init phase: settings, resolvers, the model
     except Exception as exc:  # noqa: BLE001 - reported to Lambda, which fails the init phase
         error = _init_error(exc)
         _log("ERROR", "init failed", **error)

@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .errors import ModelLoadError, ModelLoading, ModelNotReady
-from .model_files import prefetch
-from .settings import get_settings
+from phi2.engine.model_files import prefetch
+from phi2.errors import ModelLoadError, ModelLoading, ModelNotReady
+from phi2.settings import get_settings
 
 FinishReason = Literal["length", "eos_token", "stop_sequence", "time_limit", "cancelled"]
 """Why a completion ended. `cancelled`: the caller's `on_step` asked to stop (a streaming client left)."""
@@ -196,7 +196,7 @@ def _load() -> None:
             return
         settings = get_settings()
         prefetch(settings.model_dir)  # the disk reads the weights while torch is imported
-        from .hf_generator import TransformersGenerator  # torch is imported only when a model is loaded
+        from phi2.engine.hf_generator import TransformersGenerator  # torch is imported only when a model is loaded
 
         _load_started = _load_started or time.monotonic()
         try:

@@ -11,7 +11,7 @@ import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import ModelLoadError
+from phi2.errors import ModelLoadError
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1

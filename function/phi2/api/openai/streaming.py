@@ -1,7 +1,7 @@
 """`stream: true` on `/chat/completions` and `/completions`, served on the streaming surface (issue 12).
 
 A request is checked and translated exactly as a buffered one (`serving.plan_chat` / `plan_completion` with
-`streaming=True`, which lets `stream` and `stream_options` through), generated through `phi2.streaming`
+`streaming=True`, which lets `stream` and `stream_options` through), generated through `phi2.api.streaming`
 (the first bytes at admission, generation stopped when the client goes away, errors found before the first
 byte answered as the normal OpenAI-shaped error responses), and written as OpenAI streams it:
 `chat.completion.chunk` objects (the first carries the assistant's role), or `text_completion` chunks; with
@@ -16,12 +16,13 @@ from collections.abc import Sequence
 from aws_lambda_powertools.event_handler import Response
 from pydantic import BaseModel
 
-from .. import errors, streaming, streams
-from .. import serving as core
-from ..generator import Generator, StepEvent
-from . import protocol as p
-from . import serving
-from .errors import UnsupportedValue, render
+from phi2 import errors
+from phi2.api import serving as core
+from phi2.api import streaming, streams
+from phi2.api.openai import protocol as p
+from phi2.api.openai import serving
+from phi2.api.openai.errors import UnsupportedValue, render
+from phi2.engine.generator import Generator, StepEvent
 
 DONE = b"data: [DONE]\n\n"
 

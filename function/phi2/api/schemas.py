@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from .generator import GenerationParams, GenerationResult
+from phi2.engine.generator import GenerationParams, GenerationResult
 
 MAX_PROMPTS = 8
 MAX_PROMPT_CHARS = 32_000

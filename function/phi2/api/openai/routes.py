@@ -15,13 +15,12 @@ from aws_lambda_powertools.event_handler.api_gateway import Router
 from aws_lambda_powertools.event_handler.openapi.params import Body
 from pydantic import BaseModel
 
-from .. import invocation, streams
-from .. import serving as core
-from ..generator import Generator
-from . import serving
-from . import streaming as openai_streaming  # stream: true on the streaming surface (issue 12)
-from .errors import REQUEST_ID_HEADER
-from .protocol import (
+from phi2.api import serving as core
+from phi2.api import streams
+from phi2.api.openai import serving
+from phi2.api.openai import streaming as openai_streaming  # stream: true on the streaming surface (issue 12)
+from phi2.api.openai.errors import REQUEST_ID_HEADER
+from phi2.api.openai.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -30,6 +29,8 @@ from .protocol import (
     ModelList,
     OpenAIErrorResponse,
 )
+from phi2.engine.generator import Generator
+from phi2.runtime import invocation
 
 router = Router()
 # As API Gateway declares them (template.yaml): a model id may hold a slash (`microsoft/phi-2`).

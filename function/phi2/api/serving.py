@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 from aws_lambda_powertools.metrics import MetricUnit
 
-from . import generator as generator_module
-from . import invocation
-from .generator import GenerationParams, GenerationResult, Generator, OnStep
-from .invocation import Deadline
-from .observability import logger, metrics, tracer
-from .settings import get_settings
+from phi2.engine import generator as generator_module
+from phi2.engine.generator import GenerationParams, GenerationResult, Generator, OnStep
+from phi2.runtime import invocation
+from phi2.runtime.invocation import Deadline
+from phi2.runtime.observability import logger, metrics, tracer
+from phi2.settings import get_settings
 
 
 @dataclass(frozen=True)

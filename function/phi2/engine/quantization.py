@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .aligned_safetensors import ALIGNMENT, MisalignedFileError, load_aligned, misaligned, save_aligned
+from phi2.engine.aligned_safetensors import ALIGNMENT, MisalignedFileError, load_aligned, misaligned, save_aligned
 
 FORMAT = "int8"
 # The layout version of the int8 files: 2 = every tensor 64-byte aligned in the file (1 was safetensors'

@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 from pydantic_core import PydanticCustomError
 
-from ..generator import MAX_LOGPROBS
-from ..schemas import MAX_PROMPT_CHARS, MAX_PROMPTS, MAX_STOP_CHARS, MAX_STOP_SEQUENCES
+from phi2.api.schemas import MAX_PROMPT_CHARS, MAX_PROMPTS, MAX_STOP_CHARS, MAX_STOP_SEQUENCES
+from phi2.engine.generator import MAX_LOGPROBS
 
 MAX_CHOICES = MAX_PROMPTS
 """Rows of one generation batch: prompts x `n` (or `best_of`) may not exceed it."""

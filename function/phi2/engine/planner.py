@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import PromptTooLongForDeadline
+from phi2.errors import PromptTooLongForDeadline
 
 CALIBRATION_FILE = "calibration.json"
 # 2: the fastest of two timings per shape (1 was one timing, which a busy machine could skew).

@@ -1,6 +1,6 @@
 """Where a streaming route writes its answer: the invocation's response stream, when it has one.
 
-The streaming surface (`phi2.stream_runtime`) serves each invocation with a `ResponseStream` bound here for
+The streaming surface (`phi2.runtime.stream_runtime`) serves each invocation with a `ResponseStream` bound here for
 the duration of the transport's dispatch; the buffered surface (awslambdaric) binds none. A route that
 streams checks `current()`, writes the status and headers (`start`) and then the body (`write`) itself, and
 returns `streamed()`; the runtime then ignores the resolver's proxy response. Routes that do not stream are

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .settings import get_settings
+from phi2.settings import get_settings
 
 EventKind = Literal["rest", "http", "direct"]
 DeadlineSource = Literal["api_timeout", "invocation_timeout"]

@@ -10,7 +10,7 @@ import warnings
 
 from aws_lambda_powertools import Logger, Metrics, Tracer
 
-from .settings import get_settings
+from phi2.settings import get_settings
 
 # Health checks and rejected requests publish no metrics; that is expected, not worth a warning each.
 warnings.filterwarnings("ignore", message="No application metrics to publish")

@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .. import errors
-from .protocol import OpenAIError, OpenAIErrorResponse
+from phi2 import errors
+from phi2.api.openai.protocol import OpenAIError, OpenAIErrorResponse
 
 # First path segments (after an optional /v1) that belong to OpenAI's API: an unknown route under them gets
 # OpenAI's 404, so an SDK pointed here for an endpoint this server lacks raises NotFoundError.

@@ -38,10 +38,9 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from . import cpu, quantization
-from .detokenizer import TextStream
-from .errors import ContextLengthExceeded, ModelLoadError
-from .generator import (
+from phi2.engine import cpu, quantization
+from phi2.engine.detokenizer import TextStream
+from phi2.engine.generator import (
     Completion,
     GenerationParams,
     GenerationResult,
@@ -50,10 +49,11 @@ from .generator import (
     OnStep,
     TokenLogprob,
 )
-from .hooks import Passes, Row, Steps
-from .model_files import read_manifest, verify
-from .planner import Calibration, CostModel, PassSample, Planner
-from .sampling import LogitBias, LogprobRecorder, PresenceFrequencyPenalty, SeededSampler
+from phi2.engine.hooks import Passes, Row, Steps
+from phi2.engine.model_files import read_manifest, verify
+from phi2.engine.planner import Calibration, CostModel, PassSample, Planner
+from phi2.engine.sampling import LogitBias, LogprobRecorder, PresenceFrequencyPenalty, SeededSampler
+from phi2.errors import ContextLengthExceeded, ModelLoadError
 
 log = logging.getLogger(__name__)
 # Progress bars are for terminals; in Lambda they are only noise in the logs.
