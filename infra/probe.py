@@ -5,12 +5,16 @@
     python infra/probe.py phi2-lambda --warm 5 --json      # one JSON object instead of the summary
     python infra/probe.py phi2-lambda --no-cold            # warm runs only, on the `live` alias
 
-Invokes the stack's FunctionArn directly (lambda:InvokeFunction, `LogType=Tail`), not through API Gateway,
-so neither its 29 s limit nor its latency is in the numbers. The cold run sets `PROBE_NONCE` on the
-function's $LATEST (every other variable kept) so that Lambda starts a new execution environment, times the
-generation request from sending it to the answer's first byte (retrying while the model loads), then puts the
-variables back. A published version is immutable, so the alias `live` cannot be made cold this way: the cold
-run and the warm runs after it use $LATEST (the same image and settings as `live` after `sam deploy`).
+Needs boto3 (`pip install boto3`). Invokes the stack's FunctionArn directly (lambda:InvokeFunction,
+`LogType=Tail`), not through API Gateway, so neither its 29 s limit nor its latency is in the numbers. The cold
+run sets `PROBE_NONCE` on the function's $LATEST (every other variable kept) so that Lambda starts a new
+execution environment, times the generation request from sending it to the answer's first byte, then puts the
+variables back. While the model loads, Lambda freezes the environment between invocations (background threads
+included), so the load advances only during them: a generation waits for it within its own deadline, GET
+/health for up to HEALTH_WAIT_SECONDS, and a `model_loading` or `loading` answer is sent again at once (a
+pause between calls would only wait on a frozen environment). A published version is immutable, so the alias
+`live` cannot be made cold this way: the cold run and the warm runs after it use $LATEST (the same image and
+settings as `live` after `sam deploy`).
 Prints the host's CPU and kernels (from /health), memory, init and load times, cold TTFT and tokens/s and the
 warm medians. Lambda's REPORT fields (Init Duration, Max Memory Used) are None when the log tail has no REPORT:
 Lambda sends it only at SystemLogLevel INFO or DEBUG. The prompt goes to the function only, never to a log.
@@ -128,7 +132,6 @@ def generate(client: Any, function: str, request: dict, qualifier: str | None, t
             break
         if time.monotonic() - started > timeout:
             raise ProbeFailed(f"the model was still loading after {timeout:.0f} s")
-        time.sleep(2)
     if "status_code" in body or not isinstance(body.get("details"), dict):
         raise ProbeFailed(f"the function answered {body.get('status_code')} {body.get('error')}: {body.get('message')}")
     # The environment's init happened during the first attempt: its REPORT has the Init Duration.
@@ -138,7 +141,8 @@ def generate(client: Any, function: str, request: dict, qualifier: str | None, t
 
 
 def health(client: Any, function: str, qualifier: str | None, timeout: float) -> dict[str, Any]:
-    """GET /health as API Gateway would send it (a direct invocation is routed to /generate), once loaded."""
+    """GET /health as API Gateway would send it (a direct invocation is routed to /generate), once loaded: each
+    call waits for the load (and so moves it on), and is repeated at once while the model still loads."""
     event = json.loads(HEALTH_EVENT.read_text())
     started = time.monotonic()
     while True:
@@ -151,9 +155,6 @@ def health(client: Any, function: str, qualifier: str | None, timeout: float) ->
             raise ProbeFailed(f"/health answered {status}: {body}")
         if time.monotonic() - started > timeout:
             raise ProbeFailed(f"/health still said loading after {timeout:.0f} s")
-        headers = {k.lower(): v for k, v in (response.get("headers") or {}).items()}
-        multi = {k.lower(): v[0] for k, v in (response.get("multiValueHeaders") or {}).items() if v}
-        time.sleep(min(10.0, float(headers.get("retry-after") or multi.get("retry-after") or 2)))
 
 
 def measure(client: Any, function: str, request: dict, qualifier: str | None, cold: bool, warm: int, timeout: float):

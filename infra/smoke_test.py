@@ -5,10 +5,17 @@
     python infra/smoke_test.py phi2-lambda --api-key KEY      # when deployed with RequireApiKey=true
     python infra/smoke_test.py phi2-lambda --prompt "The capital of France is"
 
-Exits 0 when /generate answers 200 with a `generated_text` that continues the prompt (and /health, if
-the stack exports HealthUrl, says the model is loaded); 1 otherwise, saying why. A cold start of a
-multi-gigabyte image can outlast API Gateway's 29 s: 502/503/504 answers are retried a few times
-(the execution environment keeps initialising meanwhile).
+Needs boto3 (`pip install boto3`) and credentials allowed cloudformation:DescribeStacks.
+
+Exits 0 when /health (if the stack exports HealthUrl) says the model is loaded and /generate answers 200 with
+a `generated_text` that continues the prompt; 1 otherwise, saying why.
+
+A new execution environment loads Phi-2 for tens of seconds, and Lambda freezes an environment whenever no
+request is in flight, background threads included: the load advances only while some request runs. So the
+smoke test first polls GET /health, which waits for the load up to HEALTH_WAIT_SECONDS (20 s) per call;
+each call moves the load on, and a 503 `loading` is retried at once (sleeping would only wait on a frozen
+environment), up to --load-timeout. 502 and 504 (API Gateway's own: the image fetch and init outlasting its
+29 s, during which the invocation itself goes on) are retried after a pause. Then it POSTs the prompt.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 SEED_EVENT = ROOT / "events" / "rest-generate-seed-prompt.json"
 RETRYABLE = {502, 503, 504}
+LOADING = 503
 
 
 class SmokeTestFailed(Exception):
@@ -87,13 +95,35 @@ def call(url: str, body: dict | None, api_key: str | None, timeout: float) -> An
 def call_with_retries(
     url: str, body: dict | None, api_key: str | None, timeout: float, retries: int, pause: float
 ) -> Answer:
+    """Retry API Gateway's own 502/504 after `pause`, a 503 (the model still loading) at once."""
     answer = call(url, body, api_key, timeout)
     for _ in range(retries):
         if answer.status not in RETRYABLE:
             break
-        time.sleep(pause)
+        time.sleep(0 if answer.status == LOADING else pause)
         answer = call(url, body, api_key, timeout)
     return answer
+
+
+def wait_loaded(
+    url: str, api_key: str | None, timeout: float, retries: int, pause: float, load_timeout: float
+) -> tuple[Answer, int]:
+    """GET /health until it says loaded (each call waits for the load, and moves it on); the answer, and the
+    number of calls it took. SmokeTestFailed when it still loads after `load_timeout` or answers otherwise."""
+    started, calls, gateway_errors = time.monotonic(), 0, 0
+    while True:
+        health = call(url, None, api_key, timeout)
+        calls += 1
+        if health.status in RETRYABLE - {LOADING} and gateway_errors < retries:
+            gateway_errors += 1
+            time.sleep(pause)
+            continue
+        loading = health.status == LOADING and isinstance(health.body, dict) and health.body.get("status") == "loading"
+        if not loading or time.monotonic() - started > load_timeout:
+            break
+    if health.status != 200 or not isinstance(health.body, dict) or health.body.get("loaded") is not True:
+        raise SmokeTestFailed(f"GET /health answered {health.status} after {calls} calls: {health.body}")
+    return health, calls
 
 
 def check_generate(answer: Answer, prompt: str) -> str:
@@ -115,20 +145,19 @@ def run(
     timeout: float = 60,
     retries: int = 3,
     pause: float = 5,
+    load_timeout: float = 600,
 ) -> dict[str, Any]:
     """Smoke-test the API named by a stack's outputs; a summary on success, SmokeTestFailed otherwise."""
     if "GenerateUrl" not in outputs:
         raise SmokeTestFailed(f"the stack has no GenerateUrl output (outputs: {sorted(outputs)})")
     summary: dict[str, Any] = {"generate_url": outputs["GenerateUrl"]}
+    if "HealthUrl" in outputs:
+        health, calls = wait_loaded(outputs["HealthUrl"], api_key, timeout, retries, pause, load_timeout)
+        summary.update(model_id=health.body.get("model_id"), health_calls=calls)
     answer = call_with_retries(outputs["GenerateUrl"], {"prompt": prompt}, api_key, timeout, retries, pause)
     text = check_generate(answer, prompt)
     summary.update(status=answer.status, seconds=round(answer.seconds, 2), generated_text=text)
     summary["details"] = answer.body.get("details")
-    if "HealthUrl" in outputs:
-        health = call_with_retries(outputs["HealthUrl"], None, api_key, timeout, retries, pause)
-        if health.status != 200 or not isinstance(health.body, dict) or health.body.get("loaded") is not True:
-            raise SmokeTestFailed(f"GET /health answered {health.status}: {health.body}")
-        summary["model_id"] = health.body.get("model_id")
     return summary
 
 
@@ -139,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", default=None, help="prompt to send (default: the seed's prompt)")
     parser.add_argument("--api-key", help="x-api-key value, for a stack deployed with RequireApiKey=true")
     parser.add_argument("--timeout", type=float, default=60, help="seconds per HTTP request")
-    parser.add_argument("--retries", type=int, default=3, help="retries on 502/503/504 (cold start)")
+    parser.add_argument("--retries", type=int, default=3, help="retries of one request on 502/503/504 (cold start)")
+    parser.add_argument(
+        "--load-timeout", type=float, default=600, help="seconds to keep polling /health while the model loads"
+    )
     args = parser.parse_args(argv)
 
     import boto3
@@ -148,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     cloudformation = boto3.client("cloudformation", region_name=args.region)
     prompt = args.prompt or seed_prompt()
     try:
-        summary = run(stack_outputs(args.stack, cloudformation), prompt, args.api_key, args.timeout, args.retries)
+        outputs = stack_outputs(args.stack, cloudformation)
+        summary = run(outputs, prompt, args.api_key, args.timeout, args.retries, load_timeout=args.load_timeout)
     except (SmokeTestFailed, OSError, BotoCoreError, ClientError) as exc:
         print(f"smoke test FAILED: {exc}", file=sys.stderr)
         return 1

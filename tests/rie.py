@@ -127,6 +127,14 @@ class RieServer:
         Path(self.log.name).unlink(missing_ok=True)
 
 
+def slowed(**delays: str) -> dict[str, str]:
+    """RieServer settings that serve the function with its model slowed by construction (tests/slowed_function.py:
+    SLOW_PASS_S, SLOW_PROMPT_PASS_S, SLOW_LOAD_S, FROZEN_BETWEEN_REQUESTS), for tests that must not depend on
+    how fast the CPU is."""
+    path = os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")) if p)
+    return {"HANDLER": "slowed_function.lambda_handler", "PYTHONPATH": path, **delays}
+
+
 def api_body(response: dict) -> dict:
     """The JSON body of an API Gateway proxy response."""
     return json.loads(response["body"])

@@ -13,6 +13,8 @@ from phi2.engine import generator
 fields = json.loads(os.environ.get("FAKE_GENERATOR", "{}"))
 if "tokens" in fields:
     fields["tokens"] = tuple(fields["tokens"])
+if "fail_with" in fields:  # the message of a RuntimeError raised where the model would fail
+    fields["fail_with"] = RuntimeError(fields["fail_with"])
 fake = FakeGenerator(**fields)
 # In place of the model, before the handler's init phase would start loading one.
 generator._generator = fake

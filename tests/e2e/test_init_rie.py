@@ -1,6 +1,9 @@
 """Lambda's init phase under the real RIE: on-demand environments load the model in the background (init
 returns at once, inside the 10 s limit, and early requests wait for the model within their own deadline),
-provisioned concurrency loads and warms it fully during init."""
+provisioned concurrency loads and warms it fully during init.
+
+The on-demand load is made to last at least LOAD_S by construction (tests/slowed_function.py), so that "the
+model is still loading" holds on any CPU: on a fast one SmolLM2 loaded before the second request came."""
 
 from __future__ import annotations
 
@@ -10,12 +13,13 @@ import time
 
 import pytest
 from conftest import load_event
-from rie import RieServer, api_body
+from rie import RieServer, api_body, slowed
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 API_TIMEOUT_S = 60.0
 MARGIN_S = 1.5
+LOAD_S = 10.0
 
 
 def init_seconds(rie: RieServer) -> float:
@@ -33,7 +37,7 @@ def rest_event_with_budget(name: str, budget_s: float) -> dict:
     return event
 
 
-def start(model_dir, initialization_type: str) -> RieServer:
+def start(model_dir, initialization_type: str, **env: str) -> RieServer:
     return RieServer(
         model_dir,
         AWS_LAMBDA_INITIALIZATION_TYPE=initialization_type,
@@ -41,20 +45,22 @@ def start(model_dir, initialization_type: str) -> RieServer:
         AWS_LAMBDA_FUNCTION_TIMEOUT="120",
         API_TIMEOUT_MS=str(int(API_TIMEOUT_S * 1000)),
         DEADLINE_MARGIN_SECONDS=str(MARGIN_S),
+        **env,
     )
 
 
 def test_on_demand_init_returns_at_once_and_early_requests_wait_within_their_deadline(smollm2_dir):
-    rie = start(smollm2_dir, "on-demand")
+    rie = start(smollm2_dir, "on-demand", **slowed(SLOW_LOAD_S=str(LOAD_S)))
     try:
-        # GIVEN a new on-demand environment: the RIE runs init on the first invoke, a health check
-        health = rie.invoke(load_event("rest-health"))
+        # GIVEN a new on-demand environment whose load takes LOAD_S at least: the RIE runs init on the first
+        # invoke, a health check that does not wait
+        health = rie.invoke(load_event("rest-health-no-wait"))
         # THEN init returned well inside Lambda's 10 s, before the model was loaded
         assert init_seconds(rie) < 10
         assert health["statusCode"] == 503 and api_body(health)["status"] == "loading", health
         # (how long an answer that waits for nothing takes on this machine right now, while the model loads)
         began = time.monotonic()
-        rie.invoke(load_event("rest-health"))
+        rie.invoke(load_event("rest-health-no-wait"))
         overhead = time.monotonic() - began
         # WHEN a request with 0.5 s left before API Gateway's deadline arrives while the model is still loading
         event = rest_event_with_budget("rest-generate-greedy", 0.5)

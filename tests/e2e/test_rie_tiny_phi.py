@@ -9,9 +9,11 @@ import json
 
 import pytest
 from conftest import EVENTS, load_event
-from rie import RieServer, api_body
+from rie import RieServer, api_body, slowed
 
 pytestmark = pytest.mark.e2e
+
+SLOW_PASS_S = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +111,15 @@ def test_each_error_case_then_a_good_request_still_works(server, event_name, sta
 
 def test_deadline_from_the_lambda_timeout_returns_partial_text(tiny_phi_dir):
     # GIVEN a function whose Lambda timeout leaves ~1.5 s for generation (20 s minus an 18.5 s margin;
-    # the RIE counts init against the first invoke's timeout, so the timeout itself cannot be tiny)
-    rie = RieServer(tiny_phi_dir, AWS_LAMBDA_FUNCTION_TIMEOUT="20", DEADLINE_MARGIN_SECONDS="18.5")
+    # the RIE counts init against the first invoke's timeout, so the timeout itself cannot be tiny), and a
+    # model whose every pass takes at least 50 ms by construction: 1,024 tokens take 51 s or more on any CPU
+    # (unslowed, a fast CPU generated all of them inside the 1.5 s)
+    rie = RieServer(
+        tiny_phi_dir,
+        AWS_LAMBDA_FUNCTION_TIMEOUT="20",
+        DEADLINE_MARGIN_SECONDS="18.5",
+        **slowed(SLOW_PASS_S=str(SLOW_PASS_S)),
+    )
     try:
         rie.invoke(load_event("rest-health"))  # init (model load) happens here, outside the test
         event = load_event("rest-generate-seed-prompt")

@@ -2,7 +2,9 @@
 stand-in of Lambda's Runtime API that timestamps every chunk (the real RIE returns a stream whole, so it
 cannot show when the parts arrived). The first bytes arrive before the prompt pass ends, the first token
 right after it, the others spread over the generation; a stand-in that stops accepting the stream stops the
-generation. Bounds are relative to the speeds the run measures itself."""
+generation. Bounds are relative to the speeds the run measures itself, and the model is slowed by construction
+(tests/slowed_function.py: every prompt pass takes a second more, every step 50 ms more), so that "before
+the prompt pass ended" and "within a few tokens" mean the same on a CPU four times faster or three times slower."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from runtime_api import RuntimeApiStandIn, RuntimeProcess, split_prelude, sse_ev
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-# About 300 tokens: a prompt pass long enough to tell "before it ended" from "after it".
+# About 300 tokens, and a second more per prompt pass: long enough to tell "before it ended" from "after it".
 LONG_PROMPT = "Here is a long list of facts about European capitals and rivers. " * 24 + "The capital of France is"
 
 
@@ -29,7 +31,12 @@ def stand_in():
 @pytest.fixture(scope="module")
 def runtime(stand_in, smollm2_dir):
     process = RuntimeProcess(
-        stand_in, ["-m", "phi2.runtime.stream_runtime"], MODEL_DIR=str(smollm2_dir), API_TIMEOUT_MS="300000"
+        stand_in,
+        ["-m", "slowed_function"],
+        MODEL_DIR=str(smollm2_dir),
+        API_TIMEOUT_MS="300000",
+        SLOW_PROMPT_PASS_S="1.0",
+        SLOW_PASS_S="0.05",
     )
     # The init phase (model load, warm-up) happens before the first invocation is taken.
     stand_in.invoke(load_event("rest-health"), wait_s=600)

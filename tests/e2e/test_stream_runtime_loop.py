@@ -39,7 +39,8 @@ def runtime(stand_in):
     process = RuntimeProcess(
         stand_in,
         ["-m", "stream_fake_runtime"],
-        FAKE_GENERATOR=json.dumps({"tokens": TOKENS, "step_s": 0.02, "model_id": MODEL}),
+        # 50 ms a token: a stream the stand-in stops taking is noticed well within the six tokens, on any CPU
+        FAKE_GENERATOR=json.dumps({"tokens": TOKENS, "step_s": 0.05, "model_id": MODEL}),
         API_TIMEOUT_MS="300000",
     )
     yield process
@@ -174,7 +175,8 @@ def hostile_cases() -> list[tuple[str, str]]:
     cases = [(name, "as-is") for name in names() if name not in RIE_ONLY]
     for name in names():
         case = load(name)
-        if case.expect.get("status", 200) >= 400 and name.startswith("rest-"):
+        # (a case only the real model answers with a 4xx is answered 200 by the fake generators here)
+        if case.expect.get("status", 200) >= 400 and name.startswith("rest-") and not case.real_model:
             event = json.loads(case.payload)
             if isinstance(event, dict) and event.get("path") == "/generate":
                 cases.append((name, "to-generate-stream"))

@@ -15,6 +15,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "template.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
+CATCH_ALL = {"/": "x-amazon-apigateway-any-method", "/{proxy+}": "x-amazon-apigateway-any-method"}
+"""The routes of each API that send every path and method no other route names to the function."""
 # What `sam build` + `sam deploy --resolve-image-repos` put in place of the image it built.
 IMAGE_URI = "123456789012.dkr.ecr.us-east-1.amazonaws.com/phi2-lambda:phi2-v1"
 

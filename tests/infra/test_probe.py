@@ -19,7 +19,7 @@ import smoke_test
 from botocore.config import Config
 from conftest import AWS_REGION
 from moto import mock_aws
-from rie import RieServer
+from rie import RieServer, slowed
 
 STACK = "phi2-lambda"
 REGION = AWS_REGION
@@ -249,14 +249,27 @@ def test_the_probe_measures_a_cold_start_then_warm_runs_through_the_invoke_api(n
 
 
 @pytest.mark.e2e
-def test_without_a_cold_run_the_probe_waits_out_the_load_before_the_warm_runs(new_environment):
-    # GIVEN a new environment whose /health answers 503 loading (Retry-After) until the model is loaded
-    client = lambda_client_for(new_environment)
-    # WHEN the probe measures warm runs only
-    summary = probe.measure(client, "function", generation_request(), None, cold=False, warm=1, timeout=300)
-    # THEN it asked /health again until the model was loaded (two or more health checks, then the warm run)
-    assert new_environment.logs().count("REPORT RequestId") >= 3
-    assert summary["cold"] is None and summary["load_seconds"] > 0
+def test_without_a_cold_run_the_probe_waits_out_the_load_before_the_warm_runs(tiny_phi_dir):
+    # GIVEN a new environment, frozen between requests, whose load needs 4 s of request time (by construction:
+    # tests/slowed_function.py) while each /health waits at most 1 s for it
+    server = RieServer(
+        tiny_phi_dir,
+        MODEL_LOADING="background",
+        HEALTH_WAIT_SECONDS="1",
+        **slowed(SLOW_LOAD_S="4", FROZEN_BETWEEN_REQUESTS="true"),
+    )
+    try:
+        # WHEN the probe measures warm runs only
+        summary = probe.measure(
+            lambda_client_for(server), "function", generation_request(), None, cold=False, warm=1, timeout=300
+        )
+        reports = server.logs().count("REPORT RequestId")
+    finally:
+        server.stop()
+    # THEN it asked /health again and again, each call moving the load on, until the model was loaded (at
+    # least four health checks), then ran the warm run
+    assert reports >= 4 + 1
+    assert summary["cold"] is None and summary["load_seconds"] >= 4
     assert summary["warm"]["runs"] == 1 and summary["warm"]["median_tokens_per_second"] > 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,6 +18,7 @@ from conftest import AWS_REGION, LambdaContext, load_event
 from fakes import FakeGenerator
 from moto import mock_aws
 
+from phi2 import errors
 from phi2.engine import generator as generator_module
 from phi2.runtime import handler
 
@@ -111,14 +113,14 @@ def test_smoke_test_passes_when_the_deployed_api_generates(aws, fake_model, caps
         deploy_stack(aws, {"GenerateUrl": f"{api.base}/generate", "HealthUrl": f"{api.base}/health", "ApiId": "x"})
         # WHEN the smoke test runs against the stack by name
         code = smoke_test.main([STACK, "--region", REGION])
-    # THEN it passes, having POSTed the seed's prompt and checked /health
+    # THEN it passes, having checked /health, then POSTed the seed's prompt
     assert code == 0
     out = capsys.readouterr().out  # the in-process handler also prints its one-line logs and metrics
     summary = json.loads(out[out.index("{\n") :])
     assert summary["status"] == 200
     assert summary["generated_text"].startswith(smoke_test.seed_prompt())
     assert summary["model_id"] == "fake/model"
-    assert api.requests == [("POST", "/v1/generate"), ("GET", "/v1/health")]
+    assert api.requests == [("GET", "/v1/health"), ("POST", "/v1/generate")]
     assert fake_model.calls[0].prompts == [smoke_test.seed_prompt()]
 
 
@@ -165,3 +167,45 @@ def test_smoke_test_names_the_problem_when_the_stack_is_missing_or_incomplete(aw
     deploy_stack(aws, {"ApiId": "abc"})
     assert smoke_test.main([STACK, "--region", REGION]) == 1
     assert "no GenerateUrl output" in capsys.readouterr().err
+
+
+def test_smoke_test_polls_health_at_once_until_the_load_its_calls_move_on_is_done(aws, monkeypatch):
+    # GIVEN a new environment, frozen between requests as Lambda freezes it: its model load moves on only while
+    # a request waits for it, and this one needs three such waits
+    fake = FakeGenerator()
+    waits: list[float | None] = []
+
+    def get_generator(wait_s=None):
+        waits.append(wait_s)
+        if len(waits) <= 3:
+            raise errors.ModelLoading(5.0)
+        return fake
+
+    monkeypatch.setattr(generator_module, "get_generator", get_generator)
+    with serving(StandInApi()) as api:
+        deploy_stack(aws, {"GenerateUrl": f"{api.base}/generate", "HealthUrl": f"{api.base}/health"})
+        outputs = smoke_test.stack_outputs(STACK, aws)
+        # WHEN the smoke test runs, with a long pause for API Gateway's own errors
+        started = time.monotonic()
+        summary = smoke_test.run(outputs, "The capital of France is", pause=60)
+        elapsed = time.monotonic() - started
+    # THEN it polled /health until the model was loaded, then generated
+    assert summary["health_calls"] == 4 and summary["model_id"] == "fake/model"
+    assert api.requests == [("GET", "/v1/health")] * 4 + [("POST", "/v1/generate")]
+    # AND each /health waited for the load (HEALTH_WAIT_SECONDS), while the smoke test itself never paused
+    # between them: on Lambda a pause only waits on a frozen environment
+    assert all(wait and wait > 0 for wait in waits[:4])
+    assert elapsed < 60
+
+
+def test_smoke_test_gives_up_on_a_load_that_does_not_finish(aws, monkeypatch, capsys):
+    def never_loaded(wait_s=None):
+        raise errors.ModelLoading(5.0)
+
+    monkeypatch.setattr(generator_module, "get_generator", never_loaded)
+    with serving(StandInApi()) as api:
+        deploy_stack(aws, {"GenerateUrl": f"{api.base}/generate", "HealthUrl": f"{api.base}/health"})
+        code = smoke_test.main([STACK, "--region", REGION, "--load-timeout", "0"])
+    assert code == 1
+    assert "GET /health answered 503" in capsys.readouterr().err
+    assert ("POST", "/v1/generate") not in api.requests

@@ -71,15 +71,17 @@ def test_writes_return_false_once_the_runtime_api_stops_accepting_the_stream(sta
     invocation = stand_in.submit({}, stop_after_chunks=2)
     stream = RuntimeResponseStream(stand_in.address, invocation.request_id)
     stream.start(200, {"Content-Type": "text/event-stream"})
-    # WHEN the runtime keeps writing
+    stream.write(b"data: token\n\n")  # the last chunk it takes (this write may already see it stop)
+    assert invocation.done.wait(30), "the stand-in did not stop reading"
+    # WHEN the runtime keeps writing after the connection was closed
     results = []
     for _ in range(50):
         results.append(stream.write(b"data: token\n\n"))
         if not results[-1]:
             break
         time.sleep(0.02)
-    # THEN a write soon reports it, the stream is closed, and later writes fail at once
-    assert results[-1] is False and len(results) <= 5, results
+    # THEN the first or second write reports it, the stream is closed, and later writes fail at once
+    assert results[-1] is False and len(results) <= 2, results
     assert not stream.open and stream.write(b"data: late\n\n") is False
     # AND ending it does not raise or hang
     assert stream.finish() is None

@@ -6,9 +6,12 @@ only says how its events look (`EventFormat`). The rules live here once:
 - errors found before the first byte (validation, context overflow, the planner's refusal) propagate, and
   the resolver answers them as normal, non-streamed 4xx responses, exactly as on the buffered surface;
 - the status, headers and an SSE comment go out as soon as the request is admitted, before the prompt
-  pass, so no idle timeout fires while the prompt is read (5 minutes on a regional API Gateway endpoint,
-  30 s on an edge-optimised one); the generator signals admission with an `on_step` call that carries no
-  events, and at the latest the first token opens the stream;
+  pass; the generator signals admission with an `on_step` call that carries no events, and at the latest
+  the first token opens the stream. While the model works silently (a new environment's load before
+  admission, a long prompt pass), the transport's keep-alive (`streams.KeptAlive`) sends SSE comments, so
+  no idle timeout fires (5 minutes on a regional API Gateway endpoint, 30 s on an edge-optimised one); if
+  that silence comes before admission, it opens the stream as announced here, and a later error becomes an
+  error event;
 - every step's events are written as they come; when the reader stops accepting bytes (the client went
   away), `on_step` returns False and the generator stops (`cancelled`);
 - a failure after the first byte ends the stream with an error event and the stream's error trailers.
@@ -32,7 +35,7 @@ STREAM_ERROR_TYPE = "Runtime.StreamError"
 """The error type a failed stream reports in its `Lambda-Runtime-Function-Error-Type` trailer (the value
 aws-lambda-rust-runtime sends: lambda-runtime/src/types.rs, `ToStreamErrorTrailer`)."""
 OPENING_COMMENT = "ok"
-REQUEST_ID_HEADER = "x-request-id"
+REQUEST_ID_HEADER = streams.REQUEST_ID_HEADER
 
 
 class EventFormat(Protocol):
@@ -56,20 +59,20 @@ class EventFormat(Protocol):
 
 
 class _Opened:
-    """The stream of one generation: opened once, at admission or with the first token."""
+    """The stream of one generation: opened once, at admission or with the first token, or earlier by a
+    keep-alive (the opening is announced up front, so whoever opens it sends the same first bytes)."""
 
     def __init__(self, stream: streams.ResponseStream, fmt: EventFormat) -> None:
         self.stream = stream
         self.fmt = fmt
+        request_id = invocation.request_id()
+        # The request id in a header, as the buffered answers carry it in their body or header.
+        headers = {**streams.SSE_HEADERS, REQUEST_ID_HEADER: request_id} if request_id else streams.SSE_HEADERS
+        self.opening = (200, headers, streams.sse_comment(OPENING_COMMENT) + fmt.opening())
+        stream.announce(*self.opening)
 
     def ensure_open(self) -> bool:
-        if not self.stream.started:
-            request_id = invocation.request_id()
-            # The request id in a header, as the buffered answers carry it in their body or header.
-            headers = {**streams.SSE_HEADERS, REQUEST_ID_HEADER: request_id} if request_id else streams.SSE_HEADERS
-            opening = streams.sse_comment(OPENING_COMMENT) + self.fmt.opening()
-            return self.stream.start(200, headers) and self.stream.write(opening)
-        return self.stream.open
+        return self.stream.open_once(*self.opening)
 
     def write(self, data: bytes) -> bool:
         return self.stream.write(data) if data else self.stream.open
@@ -92,6 +95,7 @@ def generate(
     *,
     seeds: Sequence[int] | None = None,
     protocol: str,
+    cache_key: str | None = None,
 ) -> Response:
     """Generate and stream; returns the response the resolver needs (dropped by the streaming runtime).
 
@@ -108,7 +112,7 @@ def generate(
         return out.write(fmt.steps(events)) if events else True
 
     try:
-        served = serving.generate(prompts, params, seeds=seeds, on_step=on_step, protocol=protocol)
+        served = serving.generate(prompts, params, seeds=seeds, on_step=on_step, protocol=protocol, cache_key=cache_key)
     except errors.ApiError as exc:
         if not stream.started:
             raise  # before the first byte: a normal error response, as on the buffered surface

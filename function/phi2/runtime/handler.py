@@ -202,7 +202,8 @@ rest_app = _build(APIGatewayRestResolver)
 http_app = _build(APIGatewayHttpResolver)
 
 
-def _event_kind(event: Any) -> str:
+def event_kind(event: Any) -> str:
+    """How an event came: through an API Gateway REST API (`rest`), an HTTP API (`http`), or directly."""
     if isinstance(event, dict) and any(key in event for key in API_GATEWAY_KEYS):
         return "http" if event.get("version") == "2.0" else "rest"
     return "direct"
@@ -286,7 +287,7 @@ def _direct(event: Any, request_id: str | None) -> dict[str, Any]:
 @metrics.log_metrics(capture_cold_start_metric=True)
 def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
     """Lambda handler: dispatch by event shape."""
-    kind = _event_kind(event)
+    kind = event_kind(event)
     invocation.begin(context, kind, event)
     request_id = _request_id()
     if kind == "direct":

@@ -41,6 +41,7 @@ class _State:
     received_epoch_ms: float | None = None
     started_at: float = 0.0
     started_epoch: float = 0.0
+    caller: str | None = None
 
 
 _state = _State()
@@ -54,6 +55,7 @@ def begin(context: Any, kind: EventKind, event: Any = None) -> None:
     _state.started_at = time.monotonic()
     _state.started_epoch = time.time()
     _state.received_epoch_ms = _received_epoch_ms(event, kind)
+    _state.caller = _caller(event, kind)
 
 
 def count() -> int:
@@ -75,6 +77,51 @@ def kind() -> EventKind:
 
 def request_id() -> str | None:
     return getattr(_state.context, "aws_request_id", None)
+
+
+def _caller(event: Any, kind: EventKind) -> str | None:
+    """Who sent this request, as far as something in front of the function checked it: the API key (REST APIs
+    with `RequireApiKey`: `identity.apiKeyId`, never the key itself) and the IAM principal (a REST API with
+    AWS_IAM authorization: `identity.userArn`; a Function URL or HTTP API with IAM: `authorizer.iam.userArn`).
+    A direct invocation does not say who invoked it (IAM already decided who may): every direct invocation is
+    one caller. None: nothing identifies the caller."""
+    if kind == "direct":
+        return "direct"
+    context = event.get("requestContext") if isinstance(event, dict) else None
+    if not isinstance(context, dict):
+        return None
+    parts = []
+    if kind == "rest":
+        identity = context.get("identity")
+        if isinstance(identity, dict):
+            parts += [f"{name}={identity[name]}" for name in ("apiKeyId", "userArn") if _given(identity.get(name))]
+    authorizer = context.get("authorizer")
+    iam = authorizer.get("iam") if isinstance(authorizer, dict) else None
+    if isinstance(iam, dict) and _given(iam.get("userArn")):
+        parts.append(f"userArn={iam['userArn']}")
+    return " ".join(parts) or None
+
+
+def _given(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def caller() -> str | None:
+    """The current invocation's caller (see _caller); None when nothing identifies it."""
+    return _state.caller
+
+
+def cache_scope(prompt_cache_key: str | None = None) -> tuple[str, str] | None:
+    """Who may reuse this request's prompt pass, and whose it may reuse (engine/prefix_cache.py): its caller,
+    narrowed by OpenAI's `prompt_cache_key` (a key never widens sharing: it only splits a caller's requests).
+    Requests with no caller identity share nothing, unless the deployer allows it
+    (`PROMPT_CACHE_UNAUTHENTICATED`); then they are one caller."""
+    who = _state.caller
+    if who is None:
+        if not get_settings().prompt_cache_unauthenticated:
+            return None
+        who = "unauthenticated"
+    return (who, prompt_cache_key or "")
 
 
 def _received_epoch_ms(event: Any, kind: EventKind) -> float | None:

@@ -22,14 +22,19 @@ The streamed response, checked against AWS's documentation and two reference run
   (src/ResponseStream.js, `addTrailers`; the RIE decodes it with base64.StdEncoding:
   aws-lambda-runtime-interface-emulator, invoke/runtime_response_request.go, `TrailerError`).
 
-Direct invocations (not API Gateway events) get their plain JSON answer, posted buffered as awslambdaric
-does. The loop never dies on a bad invocation: an event it cannot read is answered with awslambdaric's
+While the handler works and nothing was written for `STREAM_KEEPALIVE_SECONDS` (30 s), bytes every reader
+ignores go out (`phi2.api.streams.KeptAlive`): an SSE comment on an event stream, or, for an answer sent whole,
+the prelude with status 200 and then whitespace before the JSON body (API Gateway ends a stream idle for 5
+minutes). Such a whole answer that turns out to be an error carries its real status in the body's
+`status_code`. Direct invocations (not API Gateway events) get their plain JSON answer, posted buffered as
+awslambdaric does. The loop never dies on a bad invocation: an event it cannot read is answered with awslambdaric's
 `Runtime.UnmarshalError`, anything else with an error response, and it goes on to the next one.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import os
@@ -47,6 +52,8 @@ from awslambdaric.lambda_runtime_exception import FaultException
 from awslambdaric.lambda_runtime_marshaller import LambdaMarshaller, to_json
 
 from phi2.api import streams
+from phi2.api.streams import REQUEST_ID_HEADER
+from phi2.settings import get_settings
 
 RUNTIME_API_VERSION = "2018-06-01"
 HTTP_INTEGRATION_RESPONSE = "application/vnd.awslambda.http-integration-response"
@@ -195,22 +202,44 @@ def proxy_prelude(response: Mapping[str, Any]) -> tuple[dict[str, Any], bytes]:
     return prelude, data
 
 
+def after_prelude(response: Mapping[str, Any], body: bytes) -> bytes:
+    """The body of a whole answer whose status a keep-alive already sent as 200: when the answer's own status
+    differs (an error that came after the prelude), a JSON object body says it in `status_code`, as direct
+    invocations' answers do; anything else goes out as it is."""
+    status = int(response.get("statusCode", 200))
+    if status == 200:
+        return body
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(parsed, dict):
+        return body
+    return json.dumps({**parsed, "status_code": status}).encode()
+
+
 class StreamingRuntime:
-    """Serves invocations one at a time from Lambda's Runtime API, streaming the answers that stream."""
+    """Serves invocations one at a time from Lambda's Runtime API, streaming the answers that stream.
+
+    Every API Gateway invocation's answer is kept alive (`streams.KeptAlive`): while the handler works and
+    nothing was written for `keepalive_s`, an SSE comment, or whitespace before a whole JSON answer, goes out.
+    """
 
     def __init__(
         self,
         client: LambdaRuntimeClient,
         address: str,
         handler: Handler,
-        event_kind: Callable[[], str],
+        event_kind: Callable[[Any], str],
         write_timeout_s: float = WRITE_TIMEOUT_S,
+        keepalive_s: float = 30.0,
     ) -> None:
         self.client = client
         self.address = address
         self.handler = handler
         self.event_kind = event_kind
         self.write_timeout_s = write_timeout_s
+        self.keepalive_s = keepalive_s
         self.marshaller = LambdaMarshaller()
 
     def serve_next(self) -> None:
@@ -233,11 +262,20 @@ class StreamingRuntime:
             return
 
         stream = RuntimeResponseStream(self.address, request_id, self.write_timeout_s)
+        direct = self.event_kind(event) == "direct"
+        # A direct invocation's answer is posted whole, with no API Gateway idle timer to keep happy.
+        json_headers = {"Content-Type": "application/json", REQUEST_ID_HEADER: request_id}
+        kept = streams.KeptAlive(stream, self.keepalive_s, json_headers)
         try:
-            with streams.serving(stream):
+            with streams.serving(kept), contextlib.nullcontext() if direct else kept.running():
                 result = self.handler(event, context)
-            if not stream.started:
-                if self.event_kind() == "direct":
+            if kept.opened_for_json:
+                status = int(result.get("statusCode", 200))
+                if status != 200:  # the client saw 200 already: the body says it, and so does the log
+                    _log("ERROR", "status after a keep-alive sent 200", request_id=request_id, status=status)
+                stream.write(after_prelude(result, proxy_prelude(result)[1]))
+            elif not stream.started:
+                if direct:
                     self.client.post_invocation_result(request_id, to_json(result), "application/json")
                     return
                 prelude, body = proxy_prelude(result)
@@ -282,14 +320,17 @@ def main() -> None:
     client = LambdaRuntimeClient(address)
     started = time.monotonic()
     try:
-        from phi2.runtime import handler, invocation  # the init phase: settings, resolvers, the model
+        from phi2.runtime import handler  # the init phase: settings, resolvers, the model
     except Exception as exc:  # noqa: BLE001 - reported to Lambda, which fails the init phase
         error = _init_error(exc)
         _log("ERROR", "init failed", **error)
         client.post_init_error(error)
         sys.exit(1)
     _log("INFO", "streaming runtime ready", init_s=round(time.monotonic() - started, 3))
-    runtime = StreamingRuntime(client, address, handler.lambda_handler, invocation.kind)
+    settings = get_settings()
+    runtime = StreamingRuntime(
+        client, address, handler.lambda_handler, handler.event_kind, keepalive_s=settings.stream_keepalive_s
+    )
     while True:
         runtime.serve_next()
 
