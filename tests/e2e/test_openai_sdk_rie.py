@@ -1,15 +1,13 @@
 """The real `openai` SDK against the function under the real Lambda RIE, with SmolLM2-135M-Instruct (whose
 tokenizer ships a chat template). Each SDK request becomes an API Gateway REST event (tests/
 apigateway_transport.py): completions, chat, models, n with a seed, logprobs, stop, and the typed errors
-the SDK raises for a context overflow and other bad requests. One RIE process serves the whole module."""
+the SDK raises for a context overflow and other bad requests. One RIE process serves this module and
+test_structured_output_rie.py (tests/conftest.py)."""
 
 from __future__ import annotations
 
-import httpx2
 import openai
 import pytest
-from apigateway_transport import BASE_URL, ApiGatewayTransport
-from rie import RieServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -17,26 +15,13 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def transport(smollm2_dir):
-    # The protocol is under test here, not the deadline (tests/e2e/test_deadlines* own that): a generous
-    # integration budget keeps a loaded CI machine from turning answers into time limits or refusals.
-    rie = RieServer(smollm2_dir, API_TIMEOUT_MS="120000")
-    yield ApiGatewayTransport(rie)
-    rie.stop()
+def transport(smollm2_openai_transport):
+    return smollm2_openai_transport
 
 
 @pytest.fixture(scope="module")
-def client(transport):
-    # As the README tells a user: the API key goes in x-api-key (API Gateway checks it); the SDK's own
-    # api_key is required by the SDK and ignored here. No retries: every answer is the function's first.
-    with openai.OpenAI(
-        base_url=BASE_URL,
-        api_key="unused",
-        default_headers={"x-api-key": "test-key"},
-        http_client=httpx2.Client(transport=transport),
-        max_retries=0,
-    ) as sdk:
-        yield sdk
+def client(smollm2_openai_client):
+    return smollm2_openai_client
 
 
 @pytest.fixture(scope="module")
@@ -154,5 +139,5 @@ def test_an_unknown_model_raises_not_found(client):
 
 def test_an_unsupported_value_raises_bad_request_naming_the_field(client, model):
     with pytest.raises(openai.BadRequestError) as raised:
-        client.chat.completions.create(model=model, messages=QUESTION, response_format={"type": "json_object"})
-    assert raised.value.param == "response_format" and raised.value.code == "unsupported_value"
+        client.chat.completions.create(model=model, messages=QUESTION, audio={"voice": "alloy", "format": "mp3"})
+    assert raised.value.param == "audio" and raised.value.code == "unsupported_value"

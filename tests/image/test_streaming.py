@@ -1,7 +1,8 @@
 """The image's streaming entry point: the same image run with template.yaml's streaming Command
 (`phi2.runtime.stream_runtime`), as Lambda runs it (no network, read-only root with a /tmp), invoked through the RIE
 its own entry script started. The RIE returns a stream whole: the prelude, the 8-NUL delimiter and the
-Server-Sent Events, whose text is the buffered container's for the same greedy request."""
+Server-Sent Events, whose text is the buffered container's for the same greedy request; and streamed tool calls
+in OpenAI's delta shape, which the real `openai` SDK's stream accumulator turns into the calls."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import json
 import time
 
 import pytest
+from openai.lib.streaming.chat._completions import ChatCompletionStreamState
+from openai.types.chat import ChatCompletionChunk
 from samtranslator.yaml_helper import yaml_parse
 
 from image.image_harness import ROOT, load_event
@@ -107,3 +110,48 @@ def test_a_bad_request_is_a_normal_error_answer(streaming_function):
     answer = streaming_function.invoke(event_on("/generate_stream", {"prompt": ""}))
     prelude, body = split(answer.response)
     assert prelude["statusCode"] == 422 and json.loads(body)["error"] == "validation_error"
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+        "strict": True,
+    },
+}
+
+
+def test_streamed_tool_calls_come_in_openais_delta_shape(streaming_function):
+    # GIVEN a chat that must call a tool, streamed
+    body = {
+        "model": "SmolLM2-135M-Instruct",
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+        "tools": [WEATHER_TOOL],
+        "tool_choice": "required",
+        "parallel_tool_calls": False,
+        "temperature": 0,
+        "max_tokens": 80,
+        "stream": True,
+    }
+    answer = streaming_function.invoke(event_on("/chat/completions", body))
+    prelude, stream = split(answer.response)
+    assert prelude["statusCode"] == 200, stream[:500]
+    blocks = [block.removeprefix("data: ") for block in stream.split("\n\n") if block.startswith("data: ")]
+    assert blocks[-1] == "[DONE]"
+    # WHEN the SDK's own stream accumulator reads the chunks
+    state = ChatCompletionStreamState()
+    for block in blocks[:-1]:
+        state.handle_chunk(ChatCompletionChunk.model_validate(json.loads(block)))
+    choice = state.current_completion_snapshot.choices[0]
+    # THEN it is one call of get_weather, its arguments whole JSON of the schema, finish_reason tool_calls
+    (call,) = choice.message.tool_calls
+    assert call.id.startswith("call_") and call.function.name == "get_weather"
+    arguments = json.loads(call.function.arguments)
+    assert set(arguments) == {"city", "unit"} and arguments["unit"] in ("celsius", "fahrenheit")
+    assert choice.finish_reason == "tool_calls"

@@ -10,9 +10,13 @@ A file holds `description`, `expect`, and one way to build the invoke payload:
 - `payload` / `payload_base64`: raw invoke bytes that are not a JSON event at all.
 
 `expect` is {"status", "error", "mentions": [...]} (a 4xx error whose message names the problem), {"status":
-200}, or {"runtime_error": "Runtime.UnmarshalError"} (the Lambda runtime rejects the payload itself). On the
-OpenAI routes it is {"status", "openai": {"type", "code", "param"}, "mentions": [...]}: OpenAI's error shape,
-with the request id in the x-request-id header ({"status": 200, "openai": null}: a served OpenAI request).
+200} (with "details": {...}, fields the answer's details must have), or {"runtime_error": "Runtime.UnmarshalError"}
+(the Lambda runtime rejects the payload itself). On the OpenAI routes it is {"status", "openai": {"type", "code",
+"param"}, "mentions": [...]}: OpenAI's error shape, with the request id in the x-request-id header ({"status": 200,
+"openai": null}: a served OpenAI request; with "choice": {...}, fields its first choice must have).
+
+`"real_model": true` marks a case whose answer needs the real model and its constrained decoder (a schema the
+library refuses, a cut-short structured answer): the in-process tests with a fake generator leave it out.
 
 To send one by hand:  python tests/reliability/hostile.py rest-body-json-array | curl --data-binary @- <invoke url>
 """
@@ -38,6 +42,7 @@ class HostileCase:
     description: str
     expect: dict[str, Any]
     payload: bytes
+    real_model: bool = False
 
 
 def names() -> list[str]:
@@ -78,7 +83,7 @@ def load(name: str) -> HostileCase:
             parent, key = _walk(event, spec["expand"]["at"])
             parent[key] = _expanded(spec["expand"])
         payload = json.dumps(event, ensure_ascii=False).encode("utf-8")
-    return HostileCase(name, spec["description"], spec["expect"], payload)
+    return HostileCase(name, spec["description"], spec["expect"], payload, bool(spec.get("real_model")))
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,8 @@ def assert_openai_answer(got: Outcome, expect: dict[str, Any]) -> None:
     assert got.status == expect["status"], got
     if expect["status"] == 200:
         assert got.body["choices"] and got.body["object"] in ("chat.completion", "text_completion"), got.body
+        first = got.body["choices"][0]
+        assert {key: first.get(key) for key in expect.get("choice", {})} == expect.get("choice", {}), first
         return
     assert set(got.body) == {"error"}, got.body
     error = got.body["error"]

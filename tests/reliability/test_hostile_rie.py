@@ -67,6 +67,8 @@ def test_hostile_event_gets_its_expected_answer_and_the_runtime_keeps_serving(se
         assert got.status == expect["status"], f"{case.description}\n{raw}"
         if expect["status"] == 200:
             assert got.body["generated_text"], raw
+            details = expect.get("details", {})
+            assert {key: got.body["details"].get(key) for key in details} == details, got.body["details"]
         else:
             assert got.body["error"] == expect["error"], got.body
             assert got.body["request_id"], got.body

@@ -26,7 +26,10 @@ from phi2.engine.generator import Completion, GenerationParams, GenerationResult
 from phi2.runtime import handler
 
 MODEL = "microsoft/phi-2"
-OPENAI_HOSTILE = sorted(path.stem for path in CATALOGUE.glob("openai-*.json"))
+# The cases a fake generator can answer (the others need the real constrained decoder: the RIE suite runs them)
+OPENAI_HOSTILE = sorted(
+    path.stem for path in CATALOGUE.glob("openai-*.json") if not json.loads(path.read_text()).get("real_model")
+)
 
 
 @pytest.fixture

@@ -9,13 +9,14 @@ from typing import Annotated, Any
 
 from aws_lambda_powertools.event_handler import Response, content_types
 from aws_lambda_powertools.event_handler.api_gateway import Router
-from aws_lambda_powertools.event_handler.openapi.params import Body
+from aws_lambda_powertools.event_handler.openapi.params import Body, Query
 
 from phi2 import errors
 from phi2.api import serving, streaming, streams
 from phi2.api.schemas import ErrorResponse, GenerateRequest, GenerateResponse, HealthResponse
 from phi2.engine.generator import StepEvent
 from phi2.runtime import invocation
+from phi2.settings import get_settings
 
 router = Router()
 ROUTES = {"/generate": "POST", "/generate_stream": "POST", "/health": "GET"}
@@ -121,13 +122,39 @@ def generate_stream(request: Annotated[GenerateRequest, Body()]):  # no annotati
     return streaming.generate(request.prompt_list(), params, TgiEvents(request), protocol="native_stream")
 
 
-@router.get("/health", summary="Which model is loaded, and whether it is ready")
-def health() -> Response[HealthResponse]:
+HEALTH_RETRY_AFTER_S = "1"
+"""A /health that found the model still loading asks to be called again at once: on Lambda, waiting between
+calls moves nothing (the environment is frozen without a request), the next call's own wait does."""
+
+
+@router.get(
+    "/health",
+    summary="Which model is loaded, and whether it is ready",
+    description="Waits for a model that is still loading, up to `HEALTH_WAIT_SECONDS` (20 s by default) and never "
+    "past the request's deadline: on Lambda a new environment loads its model only while a request is in flight, "
+    "so each call moves the load on. 200 once loaded; 503 `loading` with Retry-After when the wait ends first; 503 "
+    "`not_ready` at once when the load failed. `?wait=0` answers at once (a liveness check).",
+    responses={
+        200: {"description": "The model is loaded"},
+        503: {
+            "description": "Still loading (Retry-After), or failed to load",
+            "content": {"application/json": {"model": HealthResponse}},
+        },
+    },
+)
+def health(
+    wait: Annotated[
+        float | None,
+        Query(ge=0, description="Seconds to wait for a loading model (capped by HEALTH_WAIT_SECONDS); 0: at once."),
+    ] = None,
+) -> Response[HealthResponse]:
+    limit = get_settings().health_wait_s
+    wait_s = max(0.0, min(limit if wait is None else wait, limit, invocation.deadline().remaining()))
     try:
-        generator = serving.model(wait_s=0.0)
-    except errors.ModelLoading as exc:
+        generator = serving.model(wait_s=wait_s)
+    except errors.ModelLoading:
         body = HealthResponse(status="loading", loaded=False, cold_start=invocation.cold())
-        return Response(503, content_types.APPLICATION_JSON, body, headers=exc.headers)
+        return Response(503, content_types.APPLICATION_JSON, body, headers={"Retry-After": HEALTH_RETRY_AFTER_S})
     except errors.ModelNotReady:
         body = HealthResponse(status="not_ready", loaded=False, cold_start=invocation.cold())
         return Response(503, content_types.APPLICATION_JSON, body)

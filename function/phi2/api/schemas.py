@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from phi2.engine.constrained.grammar import MAX_GRAMMAR_CHARS, Grammar
 from phi2.engine.generator import GenerationParams, GenerationResult
 
 MAX_PROMPTS = 8
@@ -69,11 +70,38 @@ class GenerateRequest(BaseModel):
     return_full_text: bool = Field(
         _DEFAULT.return_full_text, description="Prefix the prompt to the generated text, as the seed did."
     )
+    min_p: float = Field(
+        _DEFAULT.min_p,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="When sampling: drop tokens less likely than min_p times the most likely one; 0 disables.",
+    )
+    typical_p: float = Field(
+        _DEFAULT.typical_p,
+        gt=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="When sampling: typical sampling's probability mass; 1 disables.",
+    )
+    json_schema: dict[str, Any] | None = Field(
+        None,
+        description="Constrained decoding: the generated text is JSON valid against this JSON Schema (compact: "
+        "`, ` and `: ` separators, no other whitespace). `details.grammar_complete` says whether it was finished.",
+    )
+    grammar: Annotated[str, StringConstraints(min_length=1, max_length=MAX_GRAMMAR_CHARS)] | None = Field(
+        None,
+        description="Constrained decoding: the generated text follows this Lark grammar, in llguidance's dialect "
+        "(`start:` is the whole text; regexes between slashes; `%json {...}` inlines a JSON Schema). Give at most "
+        "one of `json_schema` and `grammar`.",
+    )
 
     @model_validator(mode="after")
     def _one_prompt_field(self) -> GenerateRequest:
         if (self.prompt is None) == (self.prompts is None):
             raise ValueError("give exactly one of `prompt` (a string) or `prompts` (a list of strings)")
+        if self.json_schema is not None and self.grammar is not None:
+            raise ValueError("give at most one of `json_schema` and `grammar`")
         return self
 
     @property
@@ -94,7 +122,18 @@ class GenerateRequest(BaseModel):
             seed=self.seed,
             stop=tuple(self.stop),
             return_full_text=self.return_full_text,
+            min_p=self.min_p,
+            typical_p=self.typical_p,
+            grammar=self.constraint(),
         )
+
+    def constraint(self) -> Grammar | None:
+        """The grammar the text must follow (InvalidGrammar, a 422 naming the field, past a bound)."""
+        if self.json_schema is not None:
+            return Grammar.json_schema(self.json_schema, "json_schema")
+        if self.grammar is not None:
+            return Grammar.lark(self.grammar, "grammar")
+        return None
 
 
 class Timings(BaseModel):
@@ -117,8 +156,19 @@ class Details(BaseModel):
         "when API Gateway received the request) or invocation_timeout (the Lambda invocation's remaining time)."
     )
     prompt_tokens: int
+    cached_tokens: int = Field(
+        0,
+        description="Of the prompt tokens, those whose prompt pass was reused from this caller's earlier request in "
+        "the same warm environment (the prompt cache), not read again.",
+    )
     generated_tokens: int
     seed: int = Field(description="The seed used; send it back to reproduce this output.")
+    grammar_complete: bool | None = Field(
+        None,
+        description="With `json_schema` or `grammar`: whether the text is complete (false: cut short by "
+        "max_new_tokens or the deadline, e.g. the JSON is incomplete). Absent otherwise.",
+        exclude_if=lambda value: value is None,
+    )
     timings: Timings
 
 
@@ -144,8 +194,10 @@ class GenerateResponse(BaseModel):
                 finish_reason=c.finish_reason,
                 deadline_source=deadline_source,
                 prompt_tokens=c.prompt_tokens,
+                cached_tokens=c.cached_tokens,
                 generated_tokens=c.generated_tokens,
                 seed=c.seed if c.seed is not None else result.seed,
+                grammar_complete=c.grammar_complete,
                 timings=timings,
             )
             for c in result.completions

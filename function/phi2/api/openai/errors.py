@@ -16,7 +16,8 @@ from phi2 import errors
 from phi2.api.openai.protocol import OpenAIError, OpenAIErrorResponse
 
 # First path segments (after an optional /v1) that belong to OpenAI's API: an unknown route under them gets
-# OpenAI's 404, so an SDK pointed here for an endpoint this server lacks raises NotFoundError.
+# OpenAI's 404, so an SDK pointed here for an endpoint this server lacks raises NotFoundError. `tokenize` and
+# `detokenize` are vLLM's extensions of the same server, answered in the same shape.
 OPENAI_RESOURCES = frozenset(
     {
         "assistants",
@@ -38,12 +39,17 @@ OPENAI_RESOURCES = frozenset(
         "realtime",
         "responses",
         "threads",
+        "tokenize",
+        "detokenize",
         "uploads",
         "vector_stores",
         "videos",
     }
 )
-SERVED = "POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{model}"
+SERVED = (
+    "POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{model}, POST /v1/tokenize, "
+    "POST /v1/detokenize"
+)
 REQUEST_ID_HEADER = "x-request-id"
 # pydantic error types -> OpenAI's error codes.
 _VALIDATION_CODES = {

@@ -4,8 +4,9 @@ OpenAPI document for the `/v1` routes.
 Requests list every field OpenAI documents for the endpoint (openai-python 3.x's `*CreateParams`), so that a
 client sending one at its neutral value is served; `serving` implements each or refuses a value it cannot
 honour with a 400 naming the field. A field OpenAI does not document is refused as OpenAI refuses it
-("Unrecognized request argument supplied"), except the two extras this function adds (`top_k`,
-`repetition_penalty`, as vLLM does). Every optional field also takes `null`, meaning its default.
+("Unrecognized request argument supplied"), except the extras this function adds as vLLM does (`top_k`,
+`repetition_penalty`, `min_p`, `structured_outputs`) or TGI (`typical_p`). Every optional field also takes
+`null`, meaning its default.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ StopSequence = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STO
 PromptText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS)]
 # OpenAI's rule for participant names; it also keeps a name usable as a speaker label in a prompt.
 ParticipantName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+MAX_GRAMMAR_TEXT = 100_000
+MAX_CHOICE_OPTIONS = 256
+MAX_DESCRIPTION_CHARS = 8192
 
 
 class _Request(BaseModel):
@@ -48,6 +52,32 @@ class _Request(BaseModel):
 class StreamOptions(_Request):
     include_usage: bool | None = Field(None, description="Streaming only: a last chunk with the usage.")
     include_obfuscation: bool | None = Field(None, description="Streaming only: accepted, no effect here.")
+
+
+class StructuredOutputs(_Request):
+    """vLLM's `structured_outputs`: exactly one constraint on the generated text."""
+
+    json_: dict[str, Any] | bool | str | None = Field(
+        None,
+        alias="json",
+        description="A JSON Schema (an object, or its JSON text): the output is JSON valid against it.",
+    )
+    json_object: bool | None = Field(None, description="true: the output is a JSON object.")
+    regex: Annotated[str, StringConstraints(max_length=MAX_GRAMMAR_TEXT)] | None = Field(
+        None, description="The output matches this regular expression (Rust regex syntax, anchored at both ends)."
+    )
+    choice: (
+        Annotated[
+            list[Annotated[str, StringConstraints(max_length=MAX_GRAMMAR_TEXT)]],
+            Field(min_length=1, max_length=MAX_CHOICE_OPTIONS),
+        ]
+        | None
+    ) = Field(None, description="The output is exactly one of these strings.")
+    grammar: Annotated[str, StringConstraints(max_length=MAX_GRAMMAR_TEXT)] | None = Field(
+        None,
+        description="A Lark grammar in llguidance's dialect (`start:` is the output; `%json {...}` inlines a JSON "
+        "Schema; regexes between slashes).",
+    )
 
 
 class _Sampling(_Request):
@@ -139,6 +169,26 @@ class _Sampling(_Request):
         description="Extension (as vLLM's): default 1; above 1 discourages tokens already in the prompt or "
         "the text so far.",
     )
+    min_p: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="Extension (as vLLM's): when sampling, drop tokens less likely than min_p times the most "
+        "likely one. Default 0 (off).",
+    )
+    typical_p: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="Extension (as TGI's): typical sampling's probability mass when sampling. Default 1 (off).",
+    )
+    structured_outputs: StructuredOutputs | None = Field(
+        None,
+        description="Extension (as vLLM's): constrain the output to a JSON Schema (`json`), any JSON object "
+        "(`json_object`), a `regex`, one of several strings (`choice`) or a Lark `grammar`; exactly one of them.",
+    )
 
 
 class CompletionRequest(_Sampling):
@@ -188,6 +238,21 @@ class ContentPart(_Request):
     refusal: str | None = None
 
 
+class CalledFunction(_Request):
+    name: Annotated[str, StringConstraints(max_length=MAX_ID_CHARS)]
+    arguments: Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)] = Field(
+        description="The arguments as JSON text."
+    )
+
+
+class MessageToolCall(_Request):
+    """A call the assistant made earlier in the conversation."""
+
+    id: Identifier
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(_Request):
     """A message of the conversation. `developer` is OpenAI's newer name for `system`."""
 
@@ -196,16 +261,46 @@ class ChatMessage(_Request):
         None, description="Text, or a list of parts of which only `text` parts are supported."
     )
     name: ParticipantName | None = Field(None, description="The participant's name (the speaker's label).")
-    tool_calls: list[dict[str, Any]] | None = Field(None, max_length=MAX_TOOLS)
-    tool_call_id: Identifier | None = None
+    tool_calls: list[MessageToolCall] | None = Field(
+        None, max_length=MAX_TOOLS, description="An assistant message's calls (rendered into the prompt)."
+    )
+    tool_call_id: Identifier | None = Field(None, description="A `tool` message: the call it answers.")
     function_call: dict[str, Any] | None = None
     refusal: str | None = None
     audio: dict[str, Any] | None = None
 
 
+class JsonSchemaFormat(_Request):
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = Field(
+        description="The schema's name (letters, digits, _ and -; at most 64)."
+    )
+    description: Annotated[str, StringConstraints(max_length=MAX_DESCRIPTION_CHARS)] | None = None
+    schema_: dict[str, Any] | bool | None = Field(
+        None, alias="schema", description="The JSON Schema the answer follows. Absent: any JSON object."
+    )
+    strict: bool | None = Field(None, description="Accepted either way: the schema is always enforced, token by token.")
+
+
 class ResponseFormat(_Request):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: JsonSchemaFormat | None = Field(None, description="With type json_schema: the schema.")
+
+
+class FunctionDefinition(_Request):
+    name: Annotated[str, StringConstraints(max_length=MAX_ID_CHARS)] = Field(
+        description="Letters, digits, _ and -, at most 64 characters."
+    )
+    description: Annotated[str, StringConstraints(max_length=MAX_DESCRIPTION_CHARS)] | None = None
+    parameters: dict[str, Any] | None = Field(
+        None, description="The JSON Schema of the arguments; absent: the function takes none."
+    )
+    strict: bool | None = Field(None, description="Accepted either way: the arguments always follow the schema.")
+
+
+class ToolDefinition(_Request):
+    type: Literal["function", "custom"]
+    function: FunctionDefinition | None = None
+    custom: dict[str, Any] | None = Field(None, description="Custom (free-form) tools are refused.")
 
 
 class ChatCompletionRequest(_Sampling):
@@ -227,16 +322,27 @@ class ChatCompletionRequest(_Sampling):
         description="With logprobs: also the most likely alternatives at each position.",
     )
     response_format: ResponseFormat | None = Field(
-        None, description='Only `{"type": "text"}`: JSON modes are refused (no constrained decoding).'
+        None,
+        description="`text`, `json_object` (any JSON object) or `json_schema` (JSON valid against the schema): "
+        "guaranteed by constrained decoding.",
     )
-    tools: list[dict[str, Any]] | None = Field(None, max_length=MAX_TOOLS, description="Only empty: no tool calls.")
+    tools: list[ToolDefinition] | None = Field(
+        None, max_length=MAX_TOOLS, description="Functions the model may call (type `function`)."
+    )
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = Field(
-        None, description="Only `none`, or `auto` without tools."
+        None,
+        description="`auto` (default with tools: text or calls), `none`, `required` (one call or more), "
+        '`{"type": "function", "function": {"name": ...}}` (exactly that call) or '
+        '`{"type": "allowed_tools", "allowed_tools": {"mode": "auto"|"required", "tools": [...]}}`.',
     )
-    parallel_tool_calls: bool | None = Field(None, description="Accepted: without tools it has no effect.")
-    functions: list[dict[str, Any]] | None = Field(None, max_length=MAX_TOOLS, description="Only empty.")
+    parallel_tool_calls: bool | None = Field(
+        None, description="Default true: up to 8 calls in one answer; false: at most one."
+    )
+    functions: list[dict[str, Any]] | None = Field(
+        None, max_length=MAX_TOOLS, description="Only empty: the deprecated form of `tools`; send `tools`."
+    )
     function_call: Literal["none", "auto"] | dict[str, Any] | None = Field(
-        None, description="Only `none`, or `auto` without functions."
+        None, description="Only `none`, or `auto` without functions (the deprecated form of `tool_choice`)."
     )
     audio: dict[str, Any] | None = Field(None, description="Only null: text output only.")
     modalities: list[Literal["text", "audio"]] | None = Field(None, max_length=2, description='Only ["text"].')
@@ -256,8 +362,16 @@ class ChatCompletionRequest(_Sampling):
     )
     web_search_options: dict[str, Any] | None = Field(None, description="Only null: no web search.")
     moderation: dict[str, Any] | None = Field(None, description="Only null: no moderation model.")
-    prompt_cache_key: Identifier | None = Field(None, description="Accepted: no prompt cache, no effect.")
-    prompt_cache_retention: Literal["in_memory", "24h"] | None = Field(None, description="Accepted, no effect.")
+    prompt_cache_key: Identifier | None = Field(
+        None,
+        description="Narrows the prompt cache: a request reuses only earlier prompt passes of the same caller "
+        "with the same key (never another caller's, whatever the key).",
+    )
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = Field(
+        None,
+        description="Accepted: the cache is in memory, per warm environment, for PROMPT_CACHE_TTL_SECONDS after its "
+        "last use (`24h` is served the same way; a cache changes latency, never an answer).",
+    )
     prompt_cache_options: dict[str, Any] | None = Field(None, description="Accepted, no effect.")
     safety_identifier: Identifier | None = Field(None, description="Accepted: never logged or stored.")
 
@@ -265,10 +379,20 @@ class ChatCompletionRequest(_Sampling):
 # Responses
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(
+        0,
+        description="Prompt tokens whose prompt pass was reused from this caller's earlier request in the same warm "
+        "environment (the prompt cache), not read again.",
+    )
+    audio_tokens: int = 0
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 NativeFinishReason = Literal["length", "eos_token", "stop_sequence", "time_limit", "cancelled"]
@@ -291,6 +415,11 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
     native_finish_reason: NativeFinishReason | None = Field(None, description=_NATIVE_FINISH)
+    json_complete: bool | None = Field(
+        None,
+        description="Only when structured_outputs constrained the output to JSON: whether it is complete.",
+        exclude_if=lambda value: value is None,
+    )
 
 
 class CompletionResponse(BaseModel):
@@ -321,19 +450,38 @@ class ChoiceLogprobs(BaseModel):
     refusal: list[TokenLogprob] | None = None
 
 
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str = Field(description="JSON text valid against the function's parameters (unless cut short).")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
     annotations: list[dict[str, Any]] = Field(default_factory=list)
+    tool_calls: list[ToolCall] | None = Field(None, exclude_if=lambda value: value is None)
+
+
+_JSON_COMPLETE = (
+    "Only when the output was constrained to JSON (response_format, structured_outputs, a tool call): whether it "
+    "is complete. false: it was cut short (finish_reason length) and will not parse."
+)
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     native_finish_reason: NativeFinishReason = Field(description=_NATIVE_FINISH)
+    json_complete: bool | None = Field(None, description=_JSON_COMPLETE, exclude_if=lambda value: value is None)
 
 
 class ChatCompletionResponse(BaseModel):
@@ -346,17 +494,34 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class ChunkFunction(BaseModel):
+    name: str | None = Field(None, exclude_if=lambda value: value is None)
+    arguments: str = ""
+
+
+class ChunkToolCall(BaseModel):
+    """A piece of a streamed call, in OpenAI's delta shape: the first piece of call `index` carries its id, type
+    and name (arguments ""), the next ones more of its arguments."""
+
+    index: int
+    id: str | None = Field(None, exclude_if=lambda value: value is None)
+    type: Literal["function"] | None = Field(None, exclude_if=lambda value: value is None)
+    function: ChunkFunction
+
+
 class ChunkDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ChunkToolCall] | None = Field(None, exclude_if=lambda value: value is None)
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChunkDelta
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     native_finish_reason: NativeFinishReason | None = Field(None, description=_NATIVE_FINISH)
+    json_complete: bool | None = Field(None, description=_JSON_COMPLETE, exclude_if=lambda value: value is None)
 
 
 class ChatCompletionChunk(BaseModel):
@@ -369,6 +534,46 @@ class ChatCompletionChunk(BaseModel):
     system_fingerprint: str | None = None
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+
+
+class TokenizeRequest(_Request):
+    """`POST /tokenize` (vLLM's): the tokens of a prompt, or of a chat rendered as the chat route renders it."""
+
+    model: ModelId | None = Field(None, description="The served model's id or alias; absent: the served model.")
+    prompt: Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)] | None = Field(
+        None, description="Text to tokenize. Give exactly one of `prompt` and `messages`."
+    )
+    messages: list[ChatMessage] | None = Field(
+        None, min_length=1, max_length=MAX_MESSAGES, description="A chat, rendered as /chat/completions renders it."
+    )
+    tools: list[ToolDefinition] | None = Field(
+        None, max_length=MAX_TOOLS, description="With `messages`: the tools, rendered into the prompt as a chat would."
+    )
+    add_special_tokens: bool | None = Field(
+        None, description="Default true for `prompt` (the tokenizer's special tokens, if it adds any)."
+    )
+    add_generation_prompt: bool | None = Field(
+        None, description="With `messages`: default true (the prompt ends where the assistant's reply begins)."
+    )
+    return_token_strs: bool | None = Field(None, description="Also return each token's text.")
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Request):
+    """`POST /detokenize` (vLLM's): the text of token ids."""
+
+    model: ModelId | None = None
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(max_length=65_536, description="Token ids of the served model.")
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class Model(BaseModel):

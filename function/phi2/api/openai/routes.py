@@ -25,16 +25,27 @@ from phi2.api.openai.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     Model,
     ModelList,
     OpenAIErrorResponse,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from phi2.engine.generator import Generator
 from phi2.runtime import invocation
 
 router = Router()
 # As API Gateway declares them (template.yaml): a model id may hold a slash (`microsoft/phi-2`).
-ROUTES = {"/chat/completions": "POST", "/completions": "POST", "/models": "GET", "/models/{model+}": "GET"}
+ROUTES = {
+    "/chat/completions": "POST",
+    "/completions": "POST",
+    "/models": "GET",
+    "/models/{model+}": "GET",
+    "/tokenize": "POST",
+    "/detokenize": "POST",
+}
 TAGS = ["OpenAI-compatible"]
 
 
@@ -79,7 +90,7 @@ def chat_completions(request: Annotated[ChatCompletionRequest, Body()]) -> Respo
     serving.check_chat(request)  # refusals first: they need no model
     generator = _model()
     plan = serving.plan_chat(request, generator)
-    served = core.generate(plan.rows, plan.params, seeds=plan.seeds, protocol="openai")
+    served = core.generate(plan.rows, plan.params, seeds=plan.seeds, protocol="openai", cache_key=plan.cache_key)
     return _ok(serving.chat_response(plan, served.result, generator))
 
 
@@ -96,7 +107,7 @@ def completions(request: Annotated[CompletionRequest, Body()]) -> Response[Compl
     serving.check_completion(request)
     generator = _model()
     plan = serving.plan_completion(request, generator)
-    served = core.generate(plan.rows, plan.params, seeds=plan.seeds, protocol="openai")
+    served = core.generate(plan.rows, plan.params, seeds=plan.seeds, protocol="openai", cache_key=plan.cache_key)
     return _ok(serving.completion_response(plan, served.result, generator))
 
 
@@ -131,3 +142,27 @@ def retrieve_model(model: str) -> Response[Model]:
 )
 def retrieve_namespaced_model(owner: str, name: str) -> Response[Model]:
     return _retrieve(f"{owner}/{name}")
+
+
+@router.post(
+    "/tokenize",
+    summary="Tokenize a prompt, or a chat as /chat/completions renders it (vLLM's)",
+    description="`prompt` or `messages` (with `tools`, as a chat request would show them). The ids are the ones the "
+    "model reads; `count` is what a request's `prompt_tokens` would be, `max_model_len` the context.",
+    tags=TAGS,
+    responses={k: v for k, v in GENERATION_ERRORS.items() if k != 413},
+)
+def tokenize(request: Annotated[TokenizeRequest, Body()]) -> Response[TokenizeResponse]:
+    generator = _model()
+    return _ok(serving.tokenize(request, generator))
+
+
+@router.post(
+    "/detokenize",
+    summary="The text of token ids (vLLM's)",
+    tags=TAGS,
+    responses={k: v for k, v in GENERATION_ERRORS.items() if k != 413},
+)
+def detokenize(request: Annotated[DetokenizeRequest, Body()]) -> Response[DetokenizeResponse]:
+    generator = _model()
+    return _ok(serving.detokenize(request, generator))

@@ -8,6 +8,10 @@ OpenAI's conventions, where they differ from `/generate`: temperature and top_p 
 decodes greedily, top_k is off unless asked for, `max_tokens` defaults to 16 on completions and to the rest of
 the context on chat (the request's deadline still bounds it), and the text never includes the prompt unless
 `echo` asks for it.
+
+Structured output and tools become one grammar per request (`response_format`, `structured_outputs`, or the tool
+grammar of tools.py), checked against the model's vocabulary at planning time, so that a schema the constrained
+decoder refuses is a 400 naming its field before anything is generated (or streamed).
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from typing import Literal
 from phi2 import errors
 from phi2.api.openai import chat_template
 from phi2.api.openai import protocol as p
+from phi2.api.openai import tools as tooling
 from phi2.api.openai.errors import InvalidValue, ModelNotFound, UnsupportedValue
 from phi2.api.schemas import MAX_STOP_SEQUENCES, MIN_TEMPERATURE
+from phi2.engine.constrained.grammar import Grammar, json_rule
 from phi2.engine.generator import Completion, GenerationParams, GenerationResult, Generator, ModelInfo, StepEvent
 from phi2.engine.generator import TokenLogprob as NativeLogprob
 from phi2.runtime import invocation
@@ -73,6 +79,12 @@ class Plan:
     system_fingerprint: str | None = None
     include_usage: bool = False
     """`stream_options.include_usage` (streaming only)."""
+    tools: tooling.ToolPlan | None = None
+    """What the model may call: its replies are parsed into `tool_calls`."""
+    json_output: bool = False
+    """The output was constrained to JSON (not by tools): each choice says whether it is complete."""
+    cache_key: str | None = None
+    """`prompt_cache_key`: narrows which of the caller's earlier prompt passes this request may reuse."""
 
     @property
     def rows(self) -> list[str]:
@@ -126,6 +138,8 @@ def check_completion(request: p.CompletionRequest, *, streaming: bool = False) -
     _stops(request)
     if request.suffix:
         raise UnsupportedValue("suffix", "suffix is not supported: the model cannot insert text, only continue it")
+    if request.structured_outputs is not None:
+        _structured(request.structured_outputs, "structured_outputs")
     n = request.n or 1
     best_of = request.best_of or n
     if best_of < n:
@@ -155,29 +169,119 @@ def _text_of(content: str | list[p.ContentPart] | None, where: str) -> str | Non
     return "\n".join(texts)
 
 
-def chat_messages(request: p.ChatCompletionRequest) -> list[dict[str, str]]:
-    """The conversation as {"role": system|user|assistant, "content", optional "name"} dicts (400 if it
-    holds what a text model without tools cannot read)."""
-    out = []
+def chat_messages(request: p.ChatCompletionRequest, plan: tooling.ToolPlan | None = None) -> list[dict[str, str]]:
+    """The conversation as {"role": system|user|assistant, "content", optional "name"} dicts (400 if it holds
+    what a text model cannot read). Tool calls and results in the history are written in the tool format
+    (tools.py); with `plan`, the tools the model may call are described in the first system message."""
+    out: list[dict[str, str]] = []
+    called: dict[str, str] = {}  # tool call id -> function name, from the assistant messages so far
     for i, message in enumerate(request.messages):
         where = f"messages[{i}]"
-        if message.role in ("tool", "function"):
+        if message.role == "function":
             raise UnsupportedValue(
-                f"{where}.role", f"{message.role} messages are not supported: this server does not call tools"
+                f"{where}.role", "function messages are OpenAI's deprecated form: send tool messages"
             )
-        for name in ("tool_calls", "function_call", "audio", "tool_call_id"):
+        for name in ("function_call", "audio"):
             if getattr(message, name):
-                raise UnsupportedValue(f"{where}.{name}", f"{name} is not supported: this server does not call tools")
+                raise UnsupportedValue(f"{where}.{name}", f"{name} is not supported on a message")
+        if message.tool_calls and message.role != "assistant":
+            raise InvalidValue(f"{where}.tool_calls", "only assistant messages carry tool_calls")
+        if message.tool_call_id is not None and message.role != "tool":
+            raise InvalidValue(f"{where}.tool_call_id", "only tool messages carry a tool_call_id")
         content = _text_of(message.content, where)
         if content is None:
             if message.role != "assistant":
                 raise InvalidValue(f"{where}.content", f"a {message.role} message needs content")
             content = message.refusal or ""
+        if message.role == "tool":
+            if message.tool_call_id is None:
+                raise InvalidValue(f"{where}.tool_call_id", "a tool message needs the tool_call_id it answers")
+            if message.tool_call_id not in called:
+                raise InvalidValue(
+                    f"{where}.tool_call_id",
+                    "messages with role 'tool' must answer a preceding assistant message's tool_calls: no call "
+                    f"has the id {message.tool_call_id[:80]!r}",
+                )
+            result = tooling.render_result(called[message.tool_call_id], content)
+            out.append({"role": "user", "content": result, "name": tooling.TOOL_SPEAKER})
+            continue
+        if message.tool_calls:
+            for call in message.tool_calls:
+                called[call.id] = call.function.name
+            rendered = [tooling.render_call(call.function.name, call.function.arguments) for call in message.tool_calls]
+            content = "\n".join(([content] if content else []) + rendered)
         entry = {"role": "system" if message.role == "developer" else message.role, "content": content}
         if message.name:
             entry["name"] = message.name
         out.append(entry)
+    if plan is not None:
+        described = tooling.preamble(plan)
+        if out and out[0]["role"] == "system":
+            out[0] = {**out[0], "content": out[0]["content"] + "\n\n" + described}
+        else:
+            out.insert(0, {"role": "system", "content": described})
     return out
+
+
+def tool_plan(request: p.ChatCompletionRequest) -> tooling.ToolPlan | None:
+    """What the model may call (400 naming the field for a tool or a tool_choice that cannot be honoured); None
+    when it calls nothing (no tools, or tool_choice none)."""
+    defined: list[tooling.Tool] = []
+    for i, tool in enumerate(request.tools or ()):
+        where = f"tools[{i}]"
+        if tool.type != "function":
+            raise UnsupportedValue(f"{where}.type", "only function tools are supported (custom tools take free text)")
+        if tool.function is None:
+            raise InvalidValue(f"{where}.function", "a function tool needs its function")
+        name = tool.function.name
+        if not tooling.NAME.match(name):
+            raise InvalidValue(
+                f"{where}.function.name",
+                f"invalid function name {name[:80]!r}: use letters, digits, underscores and dashes, at most 64",
+            )
+        if any(other.name == name for other in defined):
+            raise InvalidValue(f"{where}.function.name", f"two tools are named {name!r}")
+        parameters = tool.function.parameters if tool.function.parameters is not None else tooling.NO_ARGUMENTS
+        defined.append(tooling.Tool(name, tool.function.description, parameters))
+    choice = request.tool_choice or "auto"
+    parallel = request.parallel_tool_calls is not False
+    if choice == "none" or (choice == "auto" and not defined):
+        return None
+    if not defined:
+        raise InvalidValue("tool_choice", "tool_choice other than none or auto needs tools")
+    if choice in ("auto", "required"):
+        return tooling.ToolPlan(tuple(defined), choice, parallel)
+    by_name = {tool.name: tool for tool in defined}
+    kind = choice.get("type")
+    if kind == "function":
+        name = (choice.get("function") or {}).get("name") if isinstance(choice.get("function"), dict) else None
+        if not isinstance(name, str):
+            raise InvalidValue("tool_choice.function.name", "a named tool_choice needs function.name")
+        if name not in by_name:
+            raise InvalidValue(
+                "tool_choice.function.name", f"tool_choice names {name[:80]!r}, which is not one of the tools"
+            )
+        return tooling.ToolPlan((by_name[name],), "named", False)
+    if kind == "allowed_tools":
+        allowed = choice.get("allowed_tools")
+        mode = allowed.get("mode") if isinstance(allowed, dict) else None
+        listed = allowed.get("tools") if isinstance(allowed, dict) else None
+        if mode not in ("auto", "required") or not isinstance(listed, list) or not listed:
+            raise InvalidValue(
+                "tool_choice.allowed_tools", "allowed_tools needs mode (auto or required) and a list of tools"
+            )
+        names = []
+        for j, entry in enumerate(listed):
+            name = (entry.get("function") or {}).get("name") if isinstance(entry, dict) else None
+            if not isinstance(name, str) or name not in by_name:
+                raise InvalidValue(
+                    f"tool_choice.allowed_tools.tools[{j}]", "each allowed tool names one of the tools' functions"
+                )
+            names.append(name)
+        return tooling.ToolPlan(tuple(tool for tool in defined if tool.name in names), mode, parallel)
+    if kind == "custom":
+        raise UnsupportedValue("tool_choice", "custom tools are not supported: only function tools")
+    raise InvalidValue("tool_choice", "tool_choice is none, auto, required, a named function or allowed_tools")
 
 
 def check_chat(request: p.ChatCompletionRequest, *, streaming: bool = False) -> None:
@@ -185,20 +289,23 @@ def check_chat(request: p.ChatCompletionRequest, *, streaming: bool = False) -> 
     _refuse_stream(request, streaming)
     _stops(request)
     chat_messages(request)
-    if request.response_format is not None and request.response_format.type != "text":
-        raise UnsupportedValue(
-            "response_format",
-            f"'response_format' of type '{request.response_format.type}' is not supported with this model: "
-            "it has no constrained decoding; ask for JSON in the prompt instead",
-        )
-    if request.tools:
-        raise UnsupportedValue("tools", "tools are not supported: this server does not call tools")
+    tool_plan(request)
+    fmt = request.response_format
+    if fmt is not None:
+        if fmt.type == "json_schema" and fmt.json_schema is None:
+            raise InvalidValue("response_format.json_schema", "response_format of type json_schema needs json_schema")
+        if fmt.type != "json_schema" and fmt.json_schema is not None:
+            raise InvalidValue("response_format.json_schema", f"json_schema goes with type json_schema, not {fmt.type}")
+    if request.structured_outputs is not None:
+        if fmt is not None and fmt.type != "text":
+            raise InvalidValue("structured_outputs", "send response_format or structured_outputs, not both")
+        if request.tools and request.tool_choice != "none":
+            raise InvalidValue("structured_outputs", "structured_outputs cannot be combined with tools")
+        _structured(request.structured_outputs, "structured_outputs")
     if request.functions:
-        raise UnsupportedValue("functions", "functions are not supported: this server does not call tools")
-    if request.tool_choice not in (None, "none", "auto"):
-        raise UnsupportedValue("tool_choice", "tool_choice may only be none or auto: there are no tools")
+        raise UnsupportedValue("functions", "functions is OpenAI's deprecated form of tools: send tools")
     if request.function_call not in (None, "none", "auto"):
-        raise UnsupportedValue("function_call", "function_call may only be none or auto: there are no functions")
+        raise UnsupportedValue("function_call", "function_call is OpenAI's deprecated form of tool_choice: send tools")
     if request.audio is not None or (request.modalities and request.modalities != ["text"]):
         raise UnsupportedValue("audio" if request.audio is not None else "modalities", "only text output")
     if request.store:
@@ -262,6 +369,7 @@ def _params(
     logprobs: int | None,
     prompt_logprobs: bool,
     seed: int,
+    grammar: Grammar | None = None,
 ) -> GenerationParams:
     temperature = 1.0 if request.temperature is None else request.temperature
     top_p = 1.0 if request.top_p is None else request.top_p
@@ -282,7 +390,96 @@ def _params(
         return_full_text=False,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
+        min_p=request.min_p or 0.0,
+        typical_p=1.0 if request.typical_p is None else request.typical_p,
+        grammar=grammar,
     )
+
+
+# Grammars: what the output is held to
+
+
+def _json_grammar(schema: object, origin: str, leading_space: bool, generator: Generator | None = None) -> Grammar:
+    """JSON valid against `schema`; after a prompt that ends with a speaker's colon (Phi-2's formats) the answer
+    may begin with the space that follows it, as unconstrained text does. With `generator`, the schema alone is
+    compiled first, so that its errors read as the schema's."""
+    plain = Grammar.json_schema(schema, origin)
+    if not leading_space:
+        return plain
+    _checked(generator, plain)
+    return Grammar.lark(f'start: " "? value\nvalue: {json_rule(schema, origin)}', origin, is_json=True)
+
+
+def _structured(
+    so: p.StructuredOutputs, where: str, leading_space: bool = False, generator: Generator | None = None
+) -> Grammar:
+    """vLLM's `structured_outputs` as a grammar (400 naming the field unless exactly one constraint is given)."""
+    given = [name for name in ("json", "json_object", "regex", "choice", "grammar") if _given(so, name)]
+    if len(given) != 1:
+        raise InvalidValue(where, "structured_outputs takes exactly one of json, json_object, regex, choice, grammar")
+    if given == ["json"]:
+        schema = so.json_
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as exc:
+                raise InvalidValue(
+                    f"{where}.json", f"json is a JSON Schema, and this text is not JSON: {exc}"
+                ) from None
+        return _json_grammar(schema, f"{where}.json", leading_space, generator)
+    if given == ["json_object"]:
+        return _json_grammar({"type": "object"}, f"{where}.json_object", leading_space, generator)
+    if given == ["regex"]:
+        return Grammar.regex(so.regex or "", f"{where}.regex")
+    if given == ["choice"]:
+        return Grammar.choice(list(so.choice or ()), f"{where}.choice")
+    return Grammar.lark(so.grammar or "", f"{where}.grammar")
+
+
+def _given(so: p.StructuredOutputs, name: str) -> bool:
+    value = getattr(so, "json_" if name == "json" else name)
+    return value is not None and value is not False
+
+
+def _response_schema(request: p.ChatCompletionRequest) -> tuple[object, str] | None:
+    """The schema `response_format` asks for, and the field it came from; None for text."""
+    fmt = request.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return {"type": "object"}, "response_format"
+    spec = fmt.json_schema
+    schema = spec.schema_ if spec is not None and spec.schema_ is not None else {"type": "object"}
+    return schema, "response_format.json_schema.schema"
+
+
+def _chat_grammar(
+    request: p.ChatCompletionRequest, generator: Generator, plan: tooling.ToolPlan | None, leading_space: bool
+) -> Grammar | None:
+    """The one grammar of a chat's reply: the tools' (whose text branch follows response_format, if any),
+    structured_outputs', or response_format's. Each tool's schema is compiled alone first, so that an error
+    names its tool."""
+    response = _response_schema(request)
+    if plan is not None:
+        index = {tool.function.name: i for i, tool in enumerate(request.tools or ()) if tool.function is not None}
+        for tool in plan.tools:
+            origin = f"tools[{index[tool.name]}].function.parameters"
+            _checked(generator, Grammar.json_schema(tool.parameters, origin))
+        if response is not None:
+            _checked(generator, Grammar.json_schema(*response))
+        text = json_rule(*response) if response is not None else None
+        return _checked(generator, tooling.grammar(plan, leading_space=leading_space, text=text))
+    if request.structured_outputs is not None:
+        so = request.structured_outputs
+        return _checked(generator, _structured(so, "structured_outputs", leading_space, generator))
+    return _checked(generator, _json_grammar(*response, leading_space, generator) if response is not None else None)
+
+
+def _checked(generator: Generator | None, grammar: Grammar | None) -> Grammar | None:
+    """`grammar`, once the model's constrained decoder has compiled it (InvalidGrammar names the field)."""
+    if grammar is not None and generator is not None:
+        generator.check_grammar(grammar)
+    return grammar
 
 
 def _seeds(base: int, prompts: int, rows_per_prompt: int) -> tuple[int, ...]:
@@ -309,6 +506,8 @@ def plan_completion(request: p.CompletionRequest, generator: Generator, *, strea
     # best_of ranks choices by their log-probability: ask for it even when the client did not.
     logprobs = request.logprobs if request.logprobs is not None else (0 if best_of > n else None)
     base = _base_seed(request.seed)
+    so = request.structured_outputs
+    grammar = _checked(generator, _structured(so, "structured_outputs") if so is not None else None)
     return Plan(
         kind="completion",
         id=_new_id("cmpl"),
@@ -325,6 +524,7 @@ def plan_completion(request: p.CompletionRequest, generator: Generator, *, strea
             logprobs=logprobs,
             prompt_logprobs=bool(request.echo) and request.logprobs is not None,
             seed=base,
+            grammar=grammar,
         ),
         seeds=_seeds(base, len(prompts), best_of),
         echo=bool(request.echo),
@@ -332,6 +532,7 @@ def plan_completion(request: p.CompletionRequest, generator: Generator, *, strea
         zero_tokens=max_tokens == 0,
         system_fingerprint=fingerprint(generator.info),
         include_usage=_include_usage(request),
+        json_output=grammar is not None and grammar.is_json,
     )
 
 
@@ -347,7 +548,9 @@ def plan_chat(request: p.ChatCompletionRequest, generator: Generator, *, streami
     """Translate a `/v1/chat/completions` request (checks, model, prompt, seeds, parameters)."""
     check_chat(request, streaming=streaming)
     resolve_model(request.model, generator.info)
-    prompt = chat_prompt(generator, chat_messages(request))
+    tools = tool_plan(request)
+    prompt = chat_prompt(generator, chat_messages(request, tools))
+    grammar = _chat_grammar(request, generator, tools, prompt.strip_reply)
     stop = tuple(dict.fromkeys(_stops(request) + prompt.stop))
     max_tokens = request.max_completion_tokens or request.max_tokens
     if max_tokens is None:
@@ -376,12 +579,17 @@ def plan_chat(request: p.ChatCompletionRequest, generator: Generator, *, streami
             logprobs=logprobs,
             prompt_logprobs=False,
             seed=base,
+            grammar=grammar,
         ),
         seeds=_seeds(base, 1, n),
         logprobs=logprobs,
         strip_reply=prompt.strip_reply,
         system_fingerprint=fingerprint(generator.info),
         include_usage=_include_usage(request),
+        cache_key=request.prompt_cache_key,
+        tools=tools,
+        # A text reply is JSON: response_format (also as the text of a tool-calling reply) or structured_outputs
+        json_output=grammar is not None and (_response_schema(request) is not None or (grammar.is_json and not tools)),
     )
 
 
@@ -409,8 +617,12 @@ def _usage(plan: Plan, result: GenerationResult) -> p.Usage:
     rows = plan.rows_per_prompt
     prompt_tokens = sum(result.completions[k * rows].prompt_tokens for k in range(len(plan.prompts)))
     completion_tokens = 0 if plan.zero_tokens else sum(c.generated_tokens for c in result.completions)
+    cached_tokens = sum(result.completions[k * rows].cached_tokens for k in range(len(plan.prompts)))
     return p.Usage(
-        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=p.PromptTokensDetails(cached_tokens=cached_tokens),
     )
 
 
@@ -475,6 +687,7 @@ def completion_response(plan: Plan, result: GenerationResult, generator: Generat
                     logprobs=completion_logprobs(plan, prompt, completion, generator),
                     finish_reason="length" if plan.zero_tokens else FINISH_REASONS[completion.finish_reason],
                     native_finish_reason="length" if plan.zero_tokens else completion.finish_reason,
+                    json_complete=completion.grammar_complete if plan.json_output else None,
                 )
             )
     return p.CompletionResponse(
@@ -510,20 +723,52 @@ def chat_token_logprobs(
     ]
 
 
+def _finish_reason(plan: Plan, native: str, called: bool) -> Literal["stop", "length", "tool_calls"]:
+    """OpenAI's finish reason: `tool_calls` when the model called a tool it chose (auto, required), `stop` when
+    the request named the function (as OpenAI answers a forced call), `length` when cut short either way."""
+    reason = FINISH_REASONS[native]
+    if called and reason == "stop" and native != "cancelled" and plan.tools is not None and plan.tools.mode != "named":
+        return "tool_calls"
+    return reason
+
+
+def _json_output(plan: Plan, reply: tooling.ToolReply | None) -> bool:
+    """Whether this reply is JSON: a call (or the start of one; with required or a named function, always), or a
+    text reply that response_format or structured_outputs made JSON."""
+    if plan.tools is not None and (plan.tools.mode != "auto" or (reply is not None and reply.is_call)):
+        return True
+    return plan.json_output
+
+
 def chat_response(plan: Plan, result: GenerationResult, generator: Generator) -> p.ChatCompletionResponse:
     """The `/v1/chat/completions` answer for `result`."""
-    choices = [
-        p.ChatChoice(
-            index=i,
-            message=p.AssistantMessage(content=_reply(plan, completion)),
-            logprobs=None
-            if plan.logprobs is None
-            else p.ChoiceLogprobs(content=chat_token_logprobs(plan, completion.logprobs or (), generator)),
-            finish_reason=FINISH_REASONS[completion.finish_reason],
-            native_finish_reason=completion.finish_reason,
+    choices = []
+    for i, completion in enumerate(result.completions):
+        content: str | None = _reply(plan, completion)
+        calls: list[p.ToolCall] | None = None
+        reply = None
+        if plan.tools is not None:
+            reply = tooling.ToolReply()
+            reply.feed(content or "")
+            reply.finish()
+            if reply.calls:
+                content = None
+                calls = [
+                    p.ToolCall(id=c.id, function=p.ToolCallFunction(name=c.name, arguments=c.arguments))
+                    for c in reply.calls
+                ]
+        choices.append(
+            p.ChatChoice(
+                index=i,
+                message=p.AssistantMessage(content=content, tool_calls=calls),
+                logprobs=None
+                if plan.logprobs is None
+                else p.ChoiceLogprobs(content=chat_token_logprobs(plan, completion.logprobs or (), generator)),
+                finish_reason=_finish_reason(plan, completion.finish_reason, bool(calls)),
+                native_finish_reason=completion.finish_reason,
+                json_complete=completion.grammar_complete if _json_output(plan, reply) else None,
+            )
         )
-        for i, completion in enumerate(result.completions)
-    ]
     return p.ChatCompletionResponse(
         id=plan.id,
         created=plan.created,
@@ -532,6 +777,45 @@ def chat_response(plan: Plan, result: GenerationResult, generator: Generator) ->
         choices=choices,
         usage=_usage(plan, result),
     )
+
+
+def tokenize(request: p.TokenizeRequest, generator: Generator) -> p.TokenizeResponse:
+    """`/tokenize`: the ids of a prompt, or of a chat rendered exactly as a chat request renders it."""
+    if request.model is not None:
+        resolve_model(request.model, generator.info)
+    if (request.prompt is None) == (request.messages is None):
+        raise InvalidValue("prompt", "give exactly one of prompt (text) and messages (a chat)")
+    if request.messages is None and (request.tools or request.add_generation_prompt is not None):
+        raise InvalidValue("tools" if request.tools else "add_generation_prompt", "this field goes with messages")
+    if request.add_generation_prompt is False:
+        raise UnsupportedValue(
+            "add_generation_prompt", "a chat is rendered as the model reads it: with the reply's prompt"
+        )
+    text = request.prompt
+    if request.messages is not None:
+        chat = p.ChatCompletionRequest.model_construct(
+            model=generator.info.model_id, messages=request.messages, tools=request.tools
+        )
+        plan = tool_plan(chat)
+        text = chat_prompt(generator, chat_messages(chat, plan)).text
+    tokens = generator.tokenize(text or "", request.add_special_tokens is not False)
+    return p.TokenizeResponse(
+        count=len(tokens),
+        max_model_len=generator.info.context_length,
+        tokens=tokens,
+        token_strs=generator.token_strings(tokens) if request.return_token_strs else None,
+    )
+
+
+def detokenize(request: p.DetokenizeRequest, generator: Generator) -> p.DetokenizeResponse:
+    """`/detokenize`: the text of token ids (400 for an id outside the vocabulary)."""
+    if request.model is not None:
+        resolve_model(request.model, generator.info)
+    vocab = generator.info.vocab_size
+    for i, token in enumerate(request.tokens):
+        if vocab and token >= vocab:
+            raise InvalidValue(f"tokens[{i}]", f"token id {token} is not in the model's vocabulary of {vocab}")
+    return p.DetokenizeResponse(prompt=generator.detokenize(request.tokens))
 
 
 def model_card(info: ModelInfo) -> p.Model:
@@ -545,11 +829,15 @@ def model_card(info: ModelInfo) -> p.Model:
 
 @dataclass
 class ChatChunker:
-    """Turns a chat generation's StepEvents into `chat.completion.chunk` objects, one stream per plan."""
+    """Turns a chat generation's StepEvents into `chat.completion.chunk` objects, one stream per plan. With tools,
+    each row's text goes through a ToolReply: a call streams as OpenAI's `delta.tool_calls` (id and name first,
+    then the arguments piece by piece), text as `delta.content`."""
 
     plan: Plan
     generator: Generator
     _started: set[int] = field(default_factory=set)
+    _replies: dict[int, tooling.ToolReply] = field(default_factory=dict)
+    _texts: dict[int, str] = field(default_factory=dict)
 
     def _chunk(self, choices: list[p.ChatChunkChoice], usage: p.Usage | None = None) -> p.ChatCompletionChunk:
         plan = self.plan
@@ -568,28 +856,61 @@ class ChatChunker:
             [p.ChatChunkChoice(index=i, delta=p.ChunkDelta(role="assistant", content="")) for i in range(self.plan.n)]
         )
 
+    def _split(self, row: int, text: str, last: bool) -> tuple[str, list[p.ChunkToolCall]]:
+        """A row's new text as content and tool-call pieces."""
+        if self.plan.tools is None:
+            return text, []
+        reply = self._replies.setdefault(row, tooling.ToolReply())
+        content, deltas = reply.feed(text)
+        if last:
+            more, later = reply.finish()
+            content, deltas = content + more, deltas + later
+        pieces = [
+            p.ChunkToolCall(
+                index=d.index,
+                id=d.id,
+                type="function" if d.id else None,
+                function=p.ChunkFunction(name=d.name, arguments=d.arguments),
+            )
+            for d in deltas
+        ]
+        return content, pieces
+
+    def _complete(self, row: int) -> bool | None:
+        """Whether a row's JSON is complete, for its last chunk: the grammar let it end only complete, so it is
+        complete exactly when it parses (each call's arguments, or the text)."""
+        reply = self._replies.get(row)
+        if not _json_output(self.plan, reply):
+            return None
+        if reply is not None and (reply.is_call or self.plan.tools.mode != "auto"):
+            return bool(reply.calls) and all(parses(call.arguments) for call in reply.calls)
+        return parses(self._texts.get(row, ""))
+
     def step(self, events: Sequence[StepEvent]) -> p.ChatCompletionChunk | None:
         """One decoding step's events as a chunk (None when it carries nothing to send)."""
         choices = []
         for event in events:
-            text = event.text
+            finish = event.finish_reason
+            text, calls = self._split(event.row, event.text, finish is not None)
             if self.plan.strip_reply and event.row not in self._started:
                 text = text.lstrip()
-                if text:
+                if text or calls:
                     self._started.add(event.row)
+            self._texts[event.row] = self._texts.get(event.row, "") + text
             logprobs = None
             if self.plan.logprobs is not None and event.logprob is not None:
                 logprobs = p.ChoiceLogprobs(content=chat_token_logprobs(self.plan, [event.logprob], self.generator))
-            finish = event.finish_reason
-            if not text and logprobs is None and finish is None:
+            if not text and not calls and logprobs is None and finish is None:
                 continue
+            called = event.row in self._replies and bool(self._replies[event.row].calls)
             choices.append(
                 p.ChatChunkChoice(
                     index=event.row,
-                    delta=p.ChunkDelta(content=text or None),
+                    delta=p.ChunkDelta(content=text or None, tool_calls=calls or None),
                     logprobs=logprobs,
-                    finish_reason=FINISH_REASONS[finish] if finish else None,
+                    finish_reason=_finish_reason(self.plan, finish, called) if finish else None,
                     native_finish_reason=finish,
+                    json_complete=self._complete(event.row) if finish else None,
                 )
             )
         return self._chunk(choices) if choices else None
@@ -597,3 +918,12 @@ class ChatChunker:
     def usage(self, result: GenerationResult) -> p.ChatCompletionChunk:
         """The last chunk when `stream_options.include_usage`: no choices, the usage."""
         return self._chunk([], _usage(self.plan, result))
+
+
+def parses(text: str) -> bool:
+    """Whether `text` is one whole JSON value."""
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True

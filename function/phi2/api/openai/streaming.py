@@ -36,7 +36,12 @@ def chat(request: p.ChatCompletionRequest) -> Response:
     generator = core.model()
     plan = serving.plan_chat(request, generator, streaming=True)
     return streaming.generate(
-        plan.rows, plan.params, ChatEvents(plan, generator), seeds=plan.seeds, protocol="openai_stream"
+        plan.rows,
+        plan.params,
+        ChatEvents(plan, generator),
+        seeds=plan.seeds,
+        protocol="openai_stream",
+        cache_key=plan.cache_key,
     )
 
 
@@ -51,7 +56,12 @@ def completions(request: p.CompletionRequest) -> Response:
         # The prompt's log-probabilities exist only after its pass, but an echoed prompt is streamed first.
         raise UnsupportedValue("echo", "echo with logprobs cannot be streamed: send stream: false for both")
     return streaming.generate(
-        plan.rows, plan.params, CompletionEvents(plan, generator), seeds=plan.seeds, protocol="openai_stream"
+        plan.rows,
+        plan.params,
+        CompletionEvents(plan, generator),
+        seeds=plan.seeds,
+        protocol="openai_stream",
+        cache_key=plan.cache_key,
     )
 
 
@@ -89,6 +99,8 @@ class CompletionEvents:
         self.generator = generator
         self.sent = [0] * len(plan.rows)
         """Characters of each row's completion already sent (for `logprobs.text_offset`)."""
+        self.texts = [""] * len(plan.rows)
+        """Each row's completion so far (whether its JSON is complete, for its last chunk)."""
 
     def _chunk(self, choices: list[p.CompletionChoice], usage: p.Usage | None = None) -> bytes:
         plan = self.plan
@@ -140,6 +152,7 @@ class CompletionEvents:
             # max_tokens 0: one token is generated (the generator needs one) and never shown.
             text = "" if plan.zero_tokens else event.text
             self.sent[event.row] += len(text)
+            self.texts[event.row] += text
             logprobs = None if plan.zero_tokens else self._logprobs(event, text)
             finish = event.finish_reason
             if not text and logprobs is None and finish is None:
@@ -152,6 +165,7 @@ class CompletionEvents:
                     logprobs=logprobs,
                     finish_reason=serving.FINISH_REASONS[native] if native else None,
                     native_finish_reason=native,
+                    json_complete=serving.parses(self.texts[event.row]) if native and plan.json_output else None,
                 )
             )
         return self._chunk(choices) if choices else b""
