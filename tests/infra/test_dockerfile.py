@@ -242,3 +242,25 @@ def test_dockerignore_sends_only_what_the_dockerfile_copies():
     # AND the virtualenv, model cache, build outputs and git history are not
     for local_state in (".venv/bin/python", ".cache/models/x", ".git/HEAD", ".aws-sam/build", "tests/conftest.py"):
         assert not sent(local_state), local_state
+
+
+def test_the_kernel_library_is_compiled_in_a_build_stage_and_only_the_library_reaches_the_runtime():
+    dockerfile = parse_dockerfile()
+    kernels = dockerfile.stage("kernels")
+    # THEN a stage of its own installs Debian's C compiler and builds the library from the checked-in source
+    install = " ".join(kernels.all("RUN"))
+    assert "apt-get install" in install and re.search(r"\bgcc\b", install)
+    assert any("build.sh" in run for run in kernels.all("RUN"))
+    copied = " ".join(kernels.all("COPY"))
+    assert "function/phi2/engine/kernels/build.sh" in copied and "function/phi2/engine/kernels/csrc/" in copied
+    # AND the runtime stage installs no compiler, and takes the built library from that stage to where the
+    # loader looks for it (phi2/engine/kernels/libphi2kernels.so under the task root)
+    runtime = dockerfile.stage("runtime")
+    assert not any("gcc" in run or "g++" in run for run in runtime.all("RUN"))
+    library = [c for c in runtime.all("COPY") if c.startswith("--from=kernels")]
+    assert [c.split()[-1] for c in library] == ["/var/task/phi2/engine/kernels/libphi2kernels.so"]
+    # AND a library built on the host never enters the build context (it could replace the built one)
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    assert "**/*.so" in ignored
+    # AND the calibration runs with the library the image ships, so its timings are the served kernels'
+    assert any(c.startswith("--from=kernels") for c in dockerfile.stage("calibrate").all("COPY"))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from deployables import (
+    CATCH_ALL,
     IMAGE_URI,
     ROOT,
     TEMPLATE,
@@ -123,13 +124,18 @@ def test_sam_build_metadata_builds_the_projects_dockerfile_with_pinned_phi2():
     )
 
 
+def named_routes(paths: dict) -> dict[str, str]:
+    """The routes a path names (the catch-alls aside), by path, with their method."""
+    return {path: method.upper() for path, methods in paths.items() for method in methods if path not in CATCH_ALL}
+
+
 def test_rest_api_routes_are_the_handlers_routes_on_the_live_alias(cfn):
     from phi2.runtime import handler
 
     paths = api_paths(cfn)
-    # THEN the API serves exactly the routes the handler implements, with the same methods
-    routes = {path: method.upper() for path, methods in paths.items() for method in methods}
-    assert routes == handler.ROUTES
+    # THEN the API names exactly the routes the handler implements, with the same methods, and the catch-alls
+    assert named_routes(paths) == handler.ROUTES
+    assert {path: next(iter(paths[path])) for path in CATCH_ALL} == CATCH_ALL
     for methods in paths.values():
         for operation in methods.values():
             integration = operation["x-amazon-apigateway-integration"]
@@ -167,7 +173,7 @@ def test_safe_defaults_api_keys_on_memory_that_fits_the_model_no_reserved_concur
     parameters = template_source()["Parameters"]
     # THEN the API needs a key unless the deployer turns it off
     assert parameters["RequireApiKey"]["Default"] == "true"
-    # AND the memory can never be set below what the int8 Phi-2 needs at its peak (~3.6 GB)
+    # AND the memory can never be set below what Phi-2 in the baked format needs at its peak (int8: ~3.6 GB)
     assert parameters["MemorySize"]["MinValue"] * 2**20 >= 3.6e9
     # AND no concurrency is reserved by default (accounts with a low quota cannot reserve any)
     assert parameters["ReservedConcurrency"]["Default"] == 0
@@ -297,7 +303,14 @@ def test_outputs_give_the_generate_url_function_arn_and_api_id(cfn):
     assert outputs["ApiKeyId"]["Condition"] == "ApiKeyRequired"
 
 
-OPENAI_ROUTES = {"/chat/completions": "post", "/completions": "post", "/models": "get", "/models/{model+}": "get"}
+OPENAI_ROUTES = {
+    "/chat/completions": "post",
+    "/completions": "post",
+    "/models": "get",
+    "/models/{model+}": "get",
+    "/tokenize": "post",
+    "/detokenize": "post",
+}
 
 
 @pytest.mark.parametrize("require", ["true", "false"])
@@ -333,3 +346,26 @@ def test_openai_base_url_output_is_the_stage_url_the_sdk_takes(cfn):
     assert url == "https://${Api}.execute-api.${AWS::Region}.${AWS::URLSuffix}/" + stage
     assert stage == "v1"
     assert outputs["GenerateUrl"]["Value"]["Fn::Sub"] == url + "/generate"  # /generate's URL is unchanged
+
+
+def test_the_memory_minimum_follows_the_format_both_functions_bake():
+    from phi2.engine.memory import PHI2_MIN_MEMORY_MB
+
+    template = template_source()
+    baked = {
+        resource["Metadata"]["DockerBuildArgs"]["MODEL_FORMAT"]
+        for resource in template["Resources"].values()
+        if resource["Type"] == "AWS::Serverless::Function"
+    }
+    # GIVEN the one format both functions bake, the Dockerfile's default
+    assert baked == {parse_dockerfile().args()["MODEL_FORMAT"]}
+    # THEN MemorySize's minimum is that format's (int8: 4096 MB; a 4-bit build may go down to 3,008 MB)
+    (fmt,) = baked
+    assert template["Parameters"]["MemorySize"]["MinValue"] == PHI2_MIN_MEMORY_MB[fmt]
+    # AND every format the preparation script writes has a minimum, none above Lambda's largest size, and the
+    # 4-bit ones fit the 3,008 MB that new accounts may be capped at
+    import prepare_model
+
+    assert set(prepare_model.FORMATS) == set(PHI2_MIN_MEMORY_MB)
+    assert max(PHI2_MIN_MEMORY_MB.values()) <= LAMBDA_MAX_MEMORY_MB
+    assert PHI2_MIN_MEMORY_MB["int4"] <= 3008 and PHI2_MIN_MEMORY_MB["int4-mixed"] <= 3008

@@ -23,8 +23,10 @@ from conftest import ROOT
 from mapped import inside, mappings_of
 from safetensors.torch import load_file, save_file
 
-from phi2.engine import quantization
+from phi2.engine import kernels, quantization
 from phi2.engine.aligned_safetensors import load_aligned, misaligned, save_aligned
+from phi2.engine.formats import common, int8
+from phi2.engine.formats.int8 import Int8Linear
 from phi2.engine.generator import GenerationParams
 from phi2.engine.hf_generator import TransformersGenerator
 from phi2.engine.model_files import MANIFEST_NAME, describe_files, read_manifest
@@ -59,54 +61,90 @@ def test_quantizing_in_row_chunks_is_exact_and_leaves_the_weight_untouched(dtype
     assert torch.equal(weight, before)
 
 
-@pytest.mark.parametrize("rows", [1, 3, quantization.DECODE_ROWS + 1, 64])
-def test_int8_linear_matches_the_dequantized_layer_on_both_paths(rows):
+@pytest.fixture(params=[torch.float32, torch.bfloat16], ids=["fp32-gemm", "bf16-gemm"])
+def prompt_gemm(request, monkeypatch) -> torch.dtype:
+    """The prompt path's GEMM dtype, both of them on any CPU (bf16 is emulated, slowly, where not native)."""
+    monkeypatch.setattr(common, "prompt_dtype", lambda: request.param)
+    return request.param
+
+
+def int8_layer(weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
+    layer = Int8Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    layer.weight, layer.scale, layer.bias = weight, scale, bias
+    return layer
+
+
+def within_rounding(y, x, weight, scale, bias, relative) -> bool:
+    """|y - the de-quantized layer's output| <= relative x the sum of its products' magnitudes (+ a tiny floor)."""
+    w = weight.double() * scale.double()[:, None]
+    expected = x.double() @ w.T + (bias.double() if bias is not None else 0)
+    magnitude = x.double().abs() @ w.abs().T
+    return bool(((y.double() - expected).abs() <= relative * magnitude + 1e-6).all())
+
+
+# Relative error bounds from each path's numerics: int16 activations (2^-15 of a row's largest value, per
+# element) on the kernel; bf16-rounded activations and outputs (2^-8 each, relative) on a bf16 GEMM;
+# fp32 rounding only on an fp32 GEMM of the widened weight, whose scale is folded in exactly.
+BOUNDS = {"kernel": 1e-3, torch.bfloat16: 2**-7, torch.float32: 1e-5}
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 33, 64])
+def test_int8_linear_matches_the_dequantized_layer_on_every_path(rows, prompt_gemm):
     # GIVEN a layer quantized from a float one
     torch.manual_seed(0)
     dense = torch.nn.Linear(256, 128)
-    layer = quantization.Int8Linear(256, 128, bias=True)
-    layer.weight, layer.scale = quantization.quantize_weight(dense.weight.detach())
-    layer.bias = dense.bias.detach().float()
-    reference_weight = layer.weight.float() * layer.scale.float()[:, None]
+    layer = int8_layer(*quantization.quantize_weight(dense.weight.detach()), dense.bias.detach().float())
     x = torch.randn(rows, 256)
-    assert layer.weight.data_ptr() % 64 == 0 and layer.scale.data_ptr() % 64 == 0  # fresh allocations
-    # WHEN it runs decode-sized (int8 kernel) or prefill-sized (widened fp32 GEMM) inputs
+    # WHEN it runs decode-sized (our kernel) or prefill-sized (widened GEMM) inputs
     y = layer(x)
-    # THEN it agrees with the de-quantized weight (bf16 activations on the int8 path cost ~3 digits)
-    expected = F.linear(x, reference_weight, layer.bias)
+    # THEN it agrees with the de-quantized weight within what the path's numerics allow
+    path = "kernel" if rows <= int8.KERNEL_ROWS[prompt_gemm] else prompt_gemm
     assert y.dtype == torch.float32 and y.shape == (rows, 128)
-    assert torch.allclose(y, expected, rtol=2e-2, atol=2e-2)
+    assert within_rounding(y, x, layer.weight, layer.scale.float(), layer.bias, BOUNDS[path])
 
 
-@pytest.mark.parametrize("shape", [(128, 256), (3000, 256), (40, 5000), (3, 2**22 + 1)])
-def test_the_long_prompt_path_widens_block_by_block_and_matches_the_dequantized_layer(shape):
-    # GIVEN int8 layers of shapes that fit the widening buffer whole, in several blocks of rows (with a
-    # partial last one), in blocks of a single row, and with rows wider than the buffer
+def in_a_fresh_thread(call):
+    """call() in a new thread (a new widening buffer, of the size WIDEN_BLOCK_BYTES says then)."""
+    out = []
+    worker = threading.Thread(target=lambda: out.append(call()))
+    worker.start()
+    worker.join()
+    assert out, "the call failed"
+    return out[0]
+
+
+@pytest.mark.parametrize("shape", [(16, 256), (300, 256), (40, 5000), (3, 20000)])
+def test_the_long_prompt_path_widens_block_by_block_and_matches_the_dequantized_layer(shape, prompt_gemm, monkeypatch):
+    # GIVEN a 64 kB widening buffer (16 k fp32 or 32 k bf16 elements), and int8 layers of shapes that fit it
+    # whole, in several blocks of rows (with a partial last one), in blocks of a single row, and with rows wider
+    # than the buffer (fp32)
+    monkeypatch.setenv(common.KERNEL_ROWS_VARIABLE, "0")
+    monkeypatch.setattr(common, "WIDEN_BLOCK_BYTES", 64 * 1024)
     torch.manual_seed(0)
     rows, columns = shape
     weight = torch.randint(-127, 128, shape, dtype=torch.int8)
     scale = torch.rand(rows).bfloat16()
     x = torch.randn(2, 3, columns)
     # WHEN a prefill-sized input goes through the widened path
-    y = quantization.widened_linear(x, weight, scale)
-    # THEN it is the de-quantized layer's output (fp32 all the way: only the order of rounding differs)
-    expected = F.linear(x, weight.float() * scale.float()[:, None])
+    y = in_a_fresh_thread(lambda: int8_layer(weight, scale)(x))
+    # THEN it is the de-quantized layer's output, within the GEMM's rounding
     assert y.shape == (2, 3, rows)
-    assert torch.allclose(y, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+    assert within_rounding(y.reshape(6, rows), x.reshape(6, columns), weight, scale.float(), None, BOUNDS[prompt_gemm])
 
 
-def test_the_widening_buffer_serves_inside_and_outside_inference_mode_whichever_came_first():
+def test_the_widening_buffer_serves_inside_and_outside_inference_mode_whichever_came_first(monkeypatch):
     # GIVEN a thread whose first long prompt ran under inference_mode (as generate runs), then one that did not
+    monkeypatch.setenv(common.KERNEL_ROWS_VARIABLE, "0")
     weight = torch.randint(-127, 128, (128, 256), dtype=torch.int8)
     scale = torch.rand(128).bfloat16()
-    x = torch.randn(quantization.DECODE_ROWS + 1, 256)
-    expected = F.linear(x, weight.float() * scale.float()[:, None])
+    layer = int8_layer(weight, scale)
+    x = torch.randn(65, 256)
 
     def first_in(modes: list[bool]) -> list[torch.Tensor]:
         outputs = []
         for inference in modes:
             with torch.inference_mode(inference):
-                outputs.append(quantization.widened_linear(x, weight, scale))
+                outputs.append(layer(x))
         return outputs
 
     for modes in ([True, False], [False, True]):
@@ -118,30 +156,34 @@ def test_the_widening_buffer_serves_inside_and_outside_inference_mode_whichever_
         # THEN both calls answered, in either order
         assert len(thread_outputs) == 2, f"a call failed after one under inference_mode={modes[0]}"
         for output in thread_outputs:
-            assert torch.allclose(output, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+            assert within_rounding(output, x, weight, scale.float(), None, BOUNDS[common.prompt_dtype()])
 
 
-def test_layers_take_turns_in_one_widening_buffer_and_each_gets_its_own_weights():
+def test_layers_take_turns_in_one_widening_buffer_and_each_gets_its_own_weights(prompt_gemm, monkeypatch):
     # GIVEN two int8 layers of the same shape (as Phi-2's 32 blocks are), quantized from different weights
+    monkeypatch.setenv(common.KERNEL_ROWS_VARIABLE, "0")
     torch.manual_seed(0)
-    layers, references = [], []
-    for _ in range(2):
-        dense = torch.nn.Linear(256, 128, bias=False)
-        layer = quantization.Int8Linear(256, 128, bias=False)
-        layer.weight, layer.scale = quantization.quantize_weight(dense.weight.detach())
-        layers.append(layer)
-        references.append(layer.weight.float() * layer.scale.float()[:, None])
-    x = torch.randn(quantization.DECODE_ROWS + 1, 256)
+    layers = [int8_layer(*quantization.quantize_weight(torch.randn(128, 256))) for _ in range(2)]
+    x = torch.randn(65, 256)
     # WHEN prefill-sized inputs go through them alternately
     outputs = [layer(x) for layer in (*layers, *layers)]
     # THEN each output is its own layer's: nothing of the other layer's weights is left in the shared buffer
-    for output, reference in zip(outputs, [*references, *references], strict=True):
-        assert torch.allclose(output, F.linear(x, reference), rtol=1e-5, atol=1e-5)
+    for output, layer in zip(outputs, [*layers, *layers], strict=True):
+        assert within_rounding(output, x, layer.weight, layer.scale.float(), None, BOUNDS[prompt_gemm])
 
 
-@pytest.mark.parametrize("rows", [4, 5, 16, quantization.DECODE_ROWS])
-def test_the_int8_kernel_takes_4_or_more_rows_from_weights_adopted_from_an_aligned_file(tmp_path, rows):
-    # GIVEN a layer's int8 weight, scales and bias written to an aligned file and adopted from its mapping
+@pytest.mark.parametrize("kernel", ["ours", "torch's"])
+@pytest.mark.parametrize("rows", [4, 5, 16, quantization.FALLBACK_ROWS])
+def test_the_int8_kernel_takes_4_or_more_rows_from_weights_adopted_from_an_aligned_file(
+    tmp_path, rows, kernel, monkeypatch
+):
+    # GIVEN a layer's int8 weight, scales and bias written to an aligned file and adopted from its mapping, run
+    # by our kernel (up to its threshold) or by torch's (_weight_int8pack_mm, the fallback without our library)
+    monkeypatch.setenv(common.KERNEL_ROWS_VARIABLE, str(quantization.FALLBACK_ROWS))
+    if kernel == "torch's":
+        monkeypatch.setattr(kernels, "library", lambda: None)
+    elif kernels.library() is None:
+        pytest.skip(f"kernel library unavailable: {kernels.unavailable_reason()}")
     torch.manual_seed(0)
     dense = torch.nn.Linear(576, 200)
     q, scale = quantization.quantize_weight(dense.weight.detach())
@@ -222,15 +264,25 @@ def test_the_int8_loader_reads_generation_config_json(tiny_phi_int8_dir, tmp_pat
 
 def test_kernels_in_use_say_what_runs_on_the_int8_model(tiny_phi_int8_dir):
     generator = TransformersGenerator.load(tiny_phi_int8_dir, warmup=False)
-    kernels = json.loads(json.dumps(quantization.kernels_in_use(generator.model)))
+    described = json.loads(json.dumps(quantization.kernels_in_use(generator.model)))
     linears = json.loads((tiny_phi_int8_dir / quantization.QUANTIZATION_FILE).read_text())["linears"]
-    int8 = kernels["int8_linears"]
-    assert int8["count"] == len(linears) and int8["row_threshold"] == quantization.DECODE_ROWS
-    assert "_weight_int8pack_mm" in int8["up_to_threshold"] and "bf16 activations" in int8["up_to_threshold"]
-    assert int8["above_threshold"] == "weight widened to fp32, fp32 GEMM, output scaled per channel"
-    assert kernels["lm_head"] == "int8, as int8_linears, fp32 bias"  # Phi-2's head: untied, with a bias
-    assert kernels["embedding"] == "bf16 table, rows widened to fp32"
-    assert kernels["int8_operands_64_byte_aligned"] is True
+    layers = described["int8_linears"]
+    gemm = common.prompt_dtype()
+    library = kernels.library()
+    assert layers["count"] == len(linears)
+    if library is not None:
+        assert layers["row_threshold"] == int8.KERNEL_ROWS[gemm]
+        assert layers["up_to_threshold"].startswith(f"phi2 q8 kernel ({library.variant})")
+        assert described["kernel_library"]["variant"] == library.variant
+    else:
+        assert layers["row_threshold"] == int8.FALLBACK_ROWS
+        assert "_weight_int8pack_mm" in layers["up_to_threshold"]
+    name = common.dtype_name(gemm)
+    assert layers["above_threshold"] == f"weight widened to {name} a block at a time, {name} GEMM, fp32 out"
+    assert described["prompt_gemm"] == name
+    assert described["lm_head"] == "int8, as int8_linears, fp32 bias"  # Phi-2's head: untied, with a bias
+    assert described["embedding"] == "bf16 table, rows widened to fp32"
+    assert described["quantized_operands_64_byte_aligned"] is True
 
 
 def test_prepared_int8_model_is_int8_on_disk_and_loads_without_full_precision_copies(tiny_phi_int8_dir):

@@ -171,6 +171,16 @@ def usable() -> dict[str, bool]:
     }
 
 
+def bf16_gemm() -> bool:
+    """Whether oneDNN runs a bf16 GEMM on native bf16 units here: AMX, or AVX512-BF16, present and allowed by
+    ONEDNN_MAX_CPU_ISA (without them it emulates bf16 and is slower than fp32). The quantized formats' prompt
+    pass uses a bf16 GEMM only then."""
+    flags = cpu_flags()
+    amx = {"amx_tile", "amx_bf16"} <= flags and onednn_allows("AVX512_CORE_AMX")
+    avx512_bf16 = "avx512_bf16" in flags and onednn_isa() == "avx512" and onednn_allows("AVX512_CORE_BF16")
+    return amx or avx512_bf16
+
+
 def describe() -> dict[str, object]:
     """The CPU for /health and the init log line: model, flags present, caps set, what each library uses."""
     model, flags = _cpuinfo()
@@ -185,4 +195,5 @@ def describe() -> dict[str, object]:
         "mkl": mkl_isa(),
         "effective_isa": effective_isa(),
         "usable": usable(),
+        "bf16_gemm": bf16_gemm(),
     }

@@ -57,6 +57,10 @@ MAX_PLAN_CHUNKS = 16
 # A measured speed moves the model by at most this factor either way: a pass timed during a freeze or a
 # burst must not make it absurd.
 SCALE_LIMITS = (0.05, 20.0)
+# Constrained decoding adds a grammar mask per row to every decode step (constrained/matcher.py): its cost until
+# one is measured here. llguidance's median is ~6 us on Phi-2's vocabulary, and applying the mask ~0.1 ms; this
+# errs high (a step estimated long ends generation a step early, never late).
+MASK_ROW_S = 0.001
 
 
 @dataclass(frozen=True)
@@ -73,9 +77,10 @@ class PassSample:
 class CostModel:
     """Seconds of one forward pass, as a function of its shape: `matmul(rows) + rows x per_row_ctx x context`.
 
-    `matmul` is piecewise linear through measured points (rows = batch x new tokens), not one line: the int8
-    format switches kernels at DECODE_ROWS rows, and a GEMM gets cheaper per row as it grows, so a line
-    fitted through 1 to 256 rows misjudges both ends. Beyond the last point it grows by `tail_per_row_s`.
+    `matmul` is piecewise linear through measured points (rows = batch x new tokens), not one line: the
+    quantized formats switch kernels at a row threshold (formats/int8.py, int4.py), and a GEMM gets cheaper per
+    row as it grows, so a line fitted through 1 to 256 rows misjudges both ends. Beyond the last point it grows
+    by `tail_per_row_s`.
     """
 
     rows: tuple[int, ...]
@@ -139,7 +144,7 @@ class CostModel:
             per_row_ctx = attention_ratio * slope(*points(per_row_ctx))
         rows, seconds = points(per_row_ctx)
         # Beyond the largest pass, never below that pass's own cost per row: past a few hundred rows a GEMM's
-        # cost per row stops falling, and the last segment may span a kernel switch (int8 at DECODE_ROWS)
+        # cost per row stops falling, and the last segment may span a kernel switch (a format's row threshold)
         per_row = max(slope(rows, seconds), seconds[-1] / rows[-1])
         if len(rows) == 1:
             rows, seconds = [0], [0.0]
@@ -208,10 +213,12 @@ class Plan:
     width: int
     chunk_tokens: int
     estimated_s: float
+    start: int = 0
+    """Prompt tokens (per row) whose keys and values are already cached: the pass reads `start`..`width`."""
 
     @property
     def chunks(self) -> int:
-        return max(1, math.ceil(self.width / self.chunk_tokens))
+        return max(1, math.ceil((self.width - self.start) / self.chunk_tokens))
 
 
 class Planner:
@@ -228,6 +235,10 @@ class Planner:
         self._best_scale = 1.0
         self._decode_step_s: float | None = cost.matmul(1) if cost else None
         self._lock = threading.Lock()
+        self._mask_row_s = MASK_ROW_S
+        self._verify_scale = 1.0
+        """Prompt lookup's verification passes (the last token and drafted ones) vs the cost model's estimate for
+        their shape: learned apart from `_scale`, which they must not move (see learn_verification)."""
 
     # -- what is known -------------------------------------------------------------------------------
 
@@ -245,6 +256,7 @@ class Planner:
             "decode_step_seconds": round(self.decode_step_s(1), 4),
             "chunk_seconds": self.chunk_seconds,
             "scale": round(self._scale, 3),
+            "grammar_mask_seconds_per_row": round(self._mask_row_s, 6),
         }
 
     def _row_seconds(self, batch: int, start: int, tokens: int) -> float:
@@ -264,6 +276,35 @@ class Planner:
         if self._decode_step_s is None:
             return 0.0
         return max(self._decode_step_s, self.estimate_pass(batch, 0, 1))
+
+    def mask_step_s(self, rows: int) -> float:
+        """Seconds that constrained decoding adds to a decoding step of `rows` rows (their grammar masks)."""
+        return rows * self._mask_row_s
+
+    def learn_mask(self, seconds_per_row: float) -> None:
+        """Refine the grammar mask's cost per row and step with a request's own measurement."""
+        with self._lock:
+            self._mask_row_s += LEARNING_RATE * (seconds_per_row - self._mask_row_s)
+
+    def step_s(self, batch: int, tokens: int = 1, context: int = 0) -> float:
+        """Seconds of one decoding step that feeds `tokens` tokens per row: 1, or (prompt lookup) the last token
+        and the drafted ones it verifies in the same pass, after `context` positions."""
+        if tokens <= 1:
+            return self.decode_step_s(batch)
+        verify = self._cost.seconds(batch, context, tokens) * self._verify_scale if self._cost is not None else 0.0
+        return max(self.decode_step_s(batch), verify)
+
+    def learn_verification(self, sample: PassSample) -> None:
+        """Refine the estimate of a decoding step that verifies drafted tokens (prompt lookup) with a timed one.
+        Kept apart from the prompt-pass speed: a few-row pass runs a different kernel than a prompt chunk (the
+        quantized formats switch at a row threshold) and costs more than the calibrated line says, so learning
+        them as prompt passes made a long decode inflate the next request's admission estimate."""
+        with self._lock:
+            if self._cost is None:
+                return
+            predicted = self._cost.seconds(sample.batch, sample.start, sample.tokens)
+            if predicted > 0:
+                self._verify_scale += LEARNING_RATE * (_clamp(sample.seconds / predicted) - self._verify_scale)
 
     # -- decisions -------------------------------------------------------------------------------------
 
@@ -299,29 +340,32 @@ class Planner:
         """Estimated seconds to read prompt tokens `start`..`width` of `batch` rows, chunk by chunk."""
         return sum(self.chunk_costs(batch, width, start, chunk, admission=admission))
 
-    def plan(self, batch: int, width: int, available_s: float) -> Plan | None:
-        """The fastest admissible way to read this prompt in `available_s`, or None if there is none.
+    def plan(self, batch: int, width: int, available_s: float, start: int = 0) -> Plan | None:
+        """The fastest admissible way to read this prompt (from token `start`: the ones before it are cached) in
+        `available_s`, or None if there is none.
 
-        It tries `chunk_seconds` chunks, which are always allowed (the margin covers one of them), and the
-        prompt cut into 1 to MAX_PLAN_CHUNKS equal larger chunks, each of which must start with CHUNK_SLOWDOWN
-        times its estimate left. Fewer chunks are faster: every chunk reads every weight once more.
-        Admission estimates at the admission speed (see estimate_pass).
+        It tries the prompt cut into 1 to MAX_PLAN_CHUNKS equal chunks, each of which must start with
+        CHUNK_SLOWDOWN times its estimate left, and `chunk_seconds` chunks, which are always allowed (the margin
+        covers one of them), and keeps the plan with the fewest chunks that fits: every chunk reads every weight
+        once more, so a prompt is cut only as far as its deadline needs (a cost model that estimated two chunks a
+        little cheaper than one, from noisy timings, once cut a far-deadline prompt into chunks that took 2.5x
+        one pass). Admission estimates at the admission speed (see estimate_pass).
         """
-        base = min(self.chunk_tokens(batch), width) or 1
+        rest = width - start
+        base = min(self.chunk_tokens(batch), rest) or 1
         largest = max(MAX_CHUNK_ROWS // batch, base)
-        candidates = {base} | {c for n in range(1, MAX_PLAN_CHUNKS + 1) if base < (c := -(-width // n)) <= largest}
-        best = None
-        for chunk in sorted(candidates, reverse=True):
-            costs = self.chunk_costs(batch, width, chunk=chunk, admission=True)
+        candidates = {base} | {c for n in range(1, MAX_PLAN_CHUNKS + 1) if base < (c := -(-rest // n)) <= largest}
+        for chunk in sorted(candidates, reverse=True):  # fewest chunks first
+            costs = self.chunk_costs(batch, width, start, chunk=chunk, admission=True)
             estimated = sum(costs)
-            if estimated > available_s or (best is not None and estimated >= best.estimated_s):
+            if estimated > available_s:
                 continue
             if chunk > base:
                 started = itertools.accumulate(costs[:-1], initial=0.0)  # the estimated time before each
                 if any(CHUNK_SLOWDOWN * c > available_s - t for c, t in zip(costs, started, strict=True)):
                     continue
-            best = Plan(batch=batch, width=width, chunk_tokens=chunk, estimated_s=estimated)
-        return best
+            return Plan(batch=batch, width=width, chunk_tokens=chunk, estimated_s=estimated, start=start)
+        return None
 
     def largest_prompt(self, batch: int, available_s: float) -> int:
         """The longest prompt (tokens per row) that admission would accept with `available_s` left."""
@@ -336,14 +380,15 @@ class Planner:
                 high = mid - 1
         return low
 
-    def admit(self, batch: int, width: int, available_s: float) -> Plan:
-        """The plan of a request whose prompt pass fits `available_s`; PromptTooLongForDeadline otherwise."""
-        plan = self.plan(batch, width, available_s)
+    def admit(self, batch: int, width: int, available_s: float, start: int = 0) -> Plan:
+        """The plan of a request whose prompt pass (tokens `start`..`width`: the ones before are cached) fits
+        `available_s`; PromptTooLongForDeadline otherwise."""
+        plan = self.plan(batch, width, available_s, start)
         if plan is None:
             raise PromptTooLongForDeadline(
                 prompt_tokens=width,
                 batch=batch,
-                estimated_s=self.prompt_seconds(batch, width, admission=True),
+                estimated_s=self.prompt_seconds(batch, width, start, admission=True),
                 available_s=available_s,
                 largest_prompt_tokens=self.largest_prompt(batch, available_s),
             )
@@ -354,7 +399,7 @@ class Planner:
         current speed or, if this request's chunks so far (`spent_s` for `done` tokens) ran slower than it
         says, at theirs: the moving average learns a slow CPU over requests, this request cannot wait."""
         rest = self.prompt_seconds(plan.batch, plan.width, start=done, chunk=plan.chunk_tokens)
-        expected = self.prompt_seconds(plan.batch, done, chunk=plan.chunk_tokens)
+        expected = self.prompt_seconds(plan.batch, done, start=plan.start, chunk=plan.chunk_tokens)
         if expected > 0 and spent_s > expected:
             rest *= spent_s / expected
         if rest > available_s:
