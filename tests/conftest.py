@@ -107,3 +107,37 @@ def tiny_phi_int8_dir() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_int8_dir() -> Path:
     return prepared_model("smollm2", "int8")
+
+
+@pytest.fixture(scope="session")
+def smollm2_openai_transport(smollm2_dir):
+    """One SmolLM2 function under the real RIE, reached through an API Gateway-shaped transport, for the modules
+    that drive it with the `openai` SDK (tests/e2e/test_openai_sdk_rie.py, test_structured_output_rie.py)."""
+    from apigateway_transport import ApiGatewayTransport
+    from rie import RieServer
+
+    # The protocol is under test there, not the deadline (tests/e2e/test_time_promise_rie.py owns that): a budget
+    # just under the invoke's own 300 s timeout keeps a loaded machine (three sampled rows of a schema took 117 s
+    # on a 2-vCPU host shared with three benchmarks; seconds on a quiet one) from turning answers into time limits.
+    rie = RieServer(smollm2_dir, API_TIMEOUT_MS="280000")
+    yield ApiGatewayTransport(rie)
+    rie.stop()
+
+
+@pytest.fixture(scope="session")
+def smollm2_openai_client(smollm2_openai_transport):
+    """The real `openai` SDK on that function. As the README tells a user: the API key goes in x-api-key (API
+    Gateway checks it); the SDK's own api_key is required by the SDK and ignored. No retries: every answer is the
+    function's first."""
+    import httpx2
+    import openai
+    from apigateway_transport import BASE_URL
+
+    with openai.OpenAI(
+        base_url=BASE_URL,
+        api_key="unused",
+        default_headers={"x-api-key": "test-key"},
+        http_client=httpx2.Client(transport=smollm2_openai_transport),
+        max_retries=0,
+    ) as sdk:
+        yield sdk

@@ -28,6 +28,7 @@ class Call:
     deadline: float
     at: float
     seeds: Sequence[int] | None = None
+    cache_scope: object = None
 
 
 @dataclass
@@ -44,12 +45,17 @@ class FakeGenerator(Generator):
     step_s: float = 0.0
     fail_after_tokens: int | None = None
     steps_taken: int = 0
+    # A whole (non-streamed) answer: how long it takes, before it fails with `fail_with` if that is set.
+    buffered_s: float = 0.0
     # The OpenAI routes: the served id, whether the tokenizer "ships" a chat template, the finish reason of a
     # buffered answer, and the log-probabilities reported (every token -0.5; alternatives -1, -2, ...).
     model_id: str = "fake/model"
     chat_template: bool = False
     finish_reason: str = "length"
     vocab_size: int = 51200  # Phi-2's: logit_bias ids past it are refused
+    cached_tokens: int = 0  # reported as reused from the prompt cache for every row
+    # Constrained decoding: what a request with a grammar reports (the fake does not constrain anything).
+    grammar_complete: bool = True
 
     def __post_init__(self) -> None:
         self.info = ModelInfo(
@@ -70,13 +76,16 @@ class FakeGenerator(Generator):
         *,
         seeds: Sequence[int] | None = None,
         on_step: OnStep | None = None,
+        cache_scope: object = None,
     ) -> GenerationResult:
-        self.calls.append(Call(prompts, params, deadline, time.monotonic(), seeds))
-        if self.fail_with is not None:
-            raise self.fail_with
+        self.calls.append(Call(prompts, params, deadline, time.monotonic(), seeds, cache_scope))
         longest = max(len(p) for p in prompts)
         if longest + params.max_new_tokens > self.context_length:
             raise ContextLengthExceeded(longest, params.max_new_tokens, self.context_length)
+        if on_step is None:
+            time.sleep(self.buffered_s)
+        if self.fail_with is not None:
+            raise self.fail_with
         start = time.monotonic()
         if on_step is not None:
             finish, produced = self._stream(len(prompts), params, on_step)
@@ -93,6 +102,8 @@ class FakeGenerator(Generator):
                 prompt_token_ids=tuple(ord(c) for c in p),
                 prompt_logprobs=self._prompt_logprobs(p) if params.prompt_logprobs else None,
                 seed=None if seeds is None else seeds[row],
+                cached_tokens=self.cached_tokens,
+                grammar_complete=self.grammar_complete if params.grammar is not None else None,
             )
             for row, p in enumerate(prompts)
         ]
@@ -147,6 +158,12 @@ class FakeGenerator(Generator):
 
     def count_tokens(self, text: str) -> int:
         return len(text)
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [ord(c) for c in text]  # one token per character, as count_tokens counts
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        return "".join(chr(i) for i in token_ids)
 
     def token_strings(self, token_ids: Sequence[int]) -> list[str]:
         # A generated token's text is its entry of `tokens`; any other id is a character (the prompt's).

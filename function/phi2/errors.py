@@ -53,6 +53,21 @@ class ValidationFailed(ApiError):
     code = "validation_error"
 
 
+class InvalidGrammar(ApiError):
+    """A JSON Schema or grammar that constrained decoding cannot follow: malformed, an unsupported keyword, over
+    a limit, or (found while generating) too complex for the library's per-token limits. `param` names the request
+    field it came from; `code` says which: invalid_json_schema, invalid_grammar or grammar_too_complex."""
+
+    status_code = 422
+    code = "invalid_grammar"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        if code:
+            self.code = code
+        super().__init__(message, details=[{"field": param or "body", "message": message, "type": self.code}])
+        self.param = param
+
+
 class ContextLengthExceeded(ApiError):
     """Prompt tokens plus requested new tokens do not fit the model's context window."""
 
@@ -71,6 +86,39 @@ class ContextLengthExceeded(ApiError):
                 }
             ],
         )
+
+
+class MemoryLimitExceeded(ApiError):
+    """The request's KV cache and working memory would not fit in what is left of the function's memory: refused
+    before anything is allocated (Lambda would otherwise kill the environment, and the caller would get a 502)."""
+
+    status_code = 422
+    code = "insufficient_memory"
+
+    def __init__(
+        self, *, needed_bytes: int, kv_cache_bytes: int, available_bytes: int, limit_bytes: int, largest_new_tokens: int
+    ) -> None:
+        mib = 2**20
+        fits = (
+            f"with this prompt, at most {largest_new_tokens} new tokens fit"
+            if largest_new_tokens > 0
+            else "a shorter prompt or fewer prompts would"
+        )
+        super().__init__(
+            f"this request needs about {needed_bytes // mib} MiB of memory (its KV cache {kv_cache_bytes // mib} MiB), "
+            f"but only {available_bytes // mib} MiB of the function's {limit_bytes // mib} MiB are free: {fits}, "
+            "or deploy the function with a larger MemorySize",
+            details=[
+                {
+                    "needed_bytes": needed_bytes,
+                    "kv_cache_bytes": kv_cache_bytes,
+                    "available_bytes": available_bytes,
+                    "memory_limit_bytes": limit_bytes,
+                    "largest_max_new_tokens": largest_new_tokens,
+                }
+            ],
+        )
+        self.largest_new_tokens = largest_new_tokens
 
 
 class PromptTooLongForDeadline(ApiError):

@@ -70,6 +70,28 @@ class Settings:
     stream_base_url: str
     """The base URL of the streaming API surface (`STREAM_BASE_URL`), named in the answer to `stream: true`
     sent to this buffered surface; empty when not configured."""
+    health_wait_s: float
+    """The longest `GET /health` waits for a model that is still loading (`HEALTH_WAIT_SECONDS`), within its
+    own deadline: Lambda freezes an environment between requests, so a load advances only while some request
+    runs, and a health check that did not wait would never see it finish. `?wait=0` answers at once."""
+    stream_keepalive_s: float
+    """On the streaming surface, how long an answer may stay silent while the function works before it sends
+    bytes every reader ignores (`STREAM_KEEPALIVE_SECONDS`): an SSE comment, or whitespace before a JSON body.
+    API Gateway ends a stream idle for 5 minutes (Regional endpoints; 30 s edge-optimised)."""
+    prompt_cache: bool
+    """Keep each request's prompt pass in the warm environment for the same caller's next request
+    (`PROMPT_CACHE`, on by default; see engine/prefix_cache.py)."""
+    prompt_cache_max_mb: int | None
+    """A cap on the prompt cache's memory (`PROMPT_CACHE_MAX_MB`); by default it takes what the function's
+    memory leaves after the model and the live request."""
+    prompt_cache_ttl_s: float
+    """An entry unused this long is never reused (`PROMPT_CACHE_TTL_SECONDS`, 600)."""
+    prompt_cache_unauthenticated: bool
+    """Let requests that carry no caller identity (no API key, no IAM principal) share one cache
+    (`PROMPT_CACHE_UNAUTHENTICATED`, off: they share nothing)."""
+    prompt_lookup_tokens: int | None
+    """Prompt lookup decoding: drafted tokens verified per pass (`PROMPT_LOOKUP_TOKENS`; 0 turns it off; unset:
+    the engine's default)."""
 
 
 def _default_preload() -> bool:
@@ -104,4 +126,11 @@ def get_settings() -> Settings:
         service_name=os.environ.get("POWERTOOLS_SERVICE_NAME", "phi2-text-generation"),
         metrics_namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "Phi2TextGeneration"),
         stream_base_url=os.environ.get("STREAM_BASE_URL", "").strip(),
+        prompt_cache=_bool("PROMPT_CACHE", True),
+        prompt_cache_max_mb=_int("PROMPT_CACHE_MAX_MB", None),
+        prompt_cache_ttl_s=_float("PROMPT_CACHE_TTL_SECONDS", 600.0),
+        prompt_cache_unauthenticated=_bool("PROMPT_CACHE_UNAUTHENTICATED", False),
+        prompt_lookup_tokens=_int("PROMPT_LOOKUP_TOKENS", None),
+        health_wait_s=_float("HEALTH_WAIT_SECONDS", 20.0),
+        stream_keepalive_s=_float("STREAM_KEEPALIVE_SECONDS", 30.0),
     )

@@ -211,3 +211,53 @@ def test_a_bad_streamed_request_raises_the_same_typed_error_as_buffered(clients)
     with pytest.raises(openai.NotFoundError) as buffered_error:
         buffered.chat.completions.create(model="gpt-4o", messages=QUESTION)
     assert streamed_error.value.code == buffered_error.value.code == "model_not_found"
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+        "strict": True,
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}], ids=["required", "named"]
+)
+def test_streamed_tool_calls_come_in_openais_delta_shape_and_match_the_buffered_call(clients, tool_choice):
+    streaming, buffered = clients
+    model = buffered.models.list().data[0].id
+    request = {
+        "model": model,
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+        "tools": [WEATHER_TOOL],
+        "tool_choice": tool_choice,
+        "parallel_tool_calls": False,
+        "temperature": 0,
+        "max_tokens": 80,
+    }
+    # GIVEN the buffered answer: one call
+    expected = buffered.chat.completions.create(**request).choices[0]
+    (expected_call,) = expected.message.tool_calls
+    # WHEN the SDK streams the same request
+    chunks = list(streaming.chat.completions.create(**request, stream=True))
+    # THEN the first piece of the call carries its id, type and name with empty arguments, the later pieces only
+    # more arguments (OpenAI's delta shape)
+    pieces = [call for chunk in chunks if chunk.choices for call in chunk.choices[0].delta.tool_calls or ()]
+    assert (
+        pieces[0].id.startswith("call_") and pieces[0].type == "function" and pieces[0].function.name == "get_weather"
+    )
+    assert pieces[0].function.arguments == "" and all(p.id is None and p.function.name is None for p in pieces[1:])
+    # AND, accumulated, they are the buffered call (ids differ: each answer names its own), and the same finish
+    arguments = "".join(p.function.arguments for p in pieces)
+    assert arguments == expected_call.function.arguments
+    json.loads(arguments)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [expected.finish_reason] == ["tool_calls" if tool_choice == "required" else "stop"]

@@ -44,10 +44,11 @@ def tokenizer(smollm2_dir):
     return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
-def prompt_of(tokenizer, tokens: int) -> str:
-    """A prompt of about `tokens` tokens of plain prose."""
-    ids = tokenizer(TEXT * (1 + tokens // 500), add_special_tokens=False)["input_ids"][:tokens]
-    return tokenizer.decode(ids)
+def prompt_of(tokenizer, tokens: int, offset: int = 0) -> str:
+    """A prompt of about `tokens` tokens of plain prose, from token `offset` of the text on (different offsets:
+    prompts that share no prefix, so the prompt cache cannot shorten their pass)."""
+    ids = tokenizer(TEXT * (2 + (offset + tokens) // 500), add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(ids[offset : offset + tokens])
 
 
 def rest_event(body: dict, budget_s: float | None = None) -> dict:
@@ -69,10 +70,13 @@ def timed(rie: RieServer, event: dict) -> tuple[dict, float]:
 def prompt_pass_s(rie, tokenizer) -> dict[int, float]:
     """How long this machine takes to read prompts of 500 and 1,000 tokens, measured through the function."""
     measured = {}
-    for tokens in (500, 1000):
-        # A direct invocation: its budget is the function's whole remaining time, whatever the machine's load
-        answer = rie.invoke({"prompt": prompt_of(tokenizer, tokens), "max_new_tokens": 1, "do_sample": False})
+    for offset, tokens in ((3000, 500), (4000, 1000)):
+        # A direct invocation: its budget is the function's whole remaining time, whatever the machine's load.
+        # Direct invocations are one caller of the prompt cache: these prompts share no prefix, so each is read whole.
+        prompt = prompt_of(tokenizer, tokens, offset)
+        answer = rie.invoke({"prompt": prompt, "max_new_tokens": 1, "do_sample": False})
         assert "generated_text" in answer, answer
+        assert answer["details"]["cached_tokens"] == 0, answer["details"]
         measured[tokens] = answer["details"]["timings"]["prompt_pass_ms"] / 1000
     return measured
 
@@ -109,10 +113,10 @@ def test_single_prompts_are_answered_within_a_short_budget(rie, tokenizer, promp
 
 
 def test_a_batch_of_8_long_prompts_is_refused_at_once_naming_what_fits(rie, tokenizer, prompt_pass_s):
-    # GIVEN 8 prompts of ~1,900 tokens (about 15 times the 1,000-token pass) and the same short budget
+    # GIVEN 8 different prompts of ~1,900 tokens (about 15 times the 1,000-token pass) and the same short budget
+    # (8 copies of one prompt would be read once: rows of one prompt share its prompt pass)
     budget = 2.2 * prompt_pass_s[1000]
-    prompt = prompt_of(tokenizer, 1900)
-    body = {"prompts": [prompt] * 8, "max_new_tokens": 64, "do_sample": False}
+    body = {"prompts": [prompt_of(tokenizer, 1900, 97 * k) for k in range(8)], "max_new_tokens": 64, "do_sample": False}
     # WHEN it arrives
     response, elapsed = timed(rie, rest_event(body, budget))
     # THEN it is refused with the 422 before any compute, naming a smaller prompt for a batch of 8

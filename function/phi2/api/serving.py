@@ -42,17 +42,24 @@ def generate(
     seeds: Sequence[int] | None = None,
     on_step: OnStep | None = None,
     protocol: str = "native",
+    cache_key: str | None = None,
 ) -> Served:
-    """Generate under the current invocation's deadline; record metrics and one log line without text."""
+    """Generate under the current invocation's deadline; record metrics and one log line without text.
+
+    The prompt pass may reuse the caller's earlier ones (the prompt cache), narrowed by `cache_key` (OpenAI's
+    `prompt_cache_key`)."""
     deadline = invocation.deadline()
     # A request that arrives while a new environment is still loading waits for it within its own deadline.
     generator = model(wait_s=deadline.remaining())
     available_s = deadline.remaining()
-    result = generator.generate(prompts, params, deadline.at, seeds=seeds, on_step=on_step)
+    scope = invocation.cache_scope(cache_key)
+    result = generator.generate(prompts, params, deadline.at, seeds=seeds, on_step=on_step, cache_scope=scope)
 
     prompt_tokens = sum(c.prompt_tokens for c in result.completions)
     generated_tokens = sum(c.generated_tokens for c in result.completions)
+    cached_tokens = sum(c.cached_tokens for c in result.completions)
     metrics.add_metric(name="PromptTokens", unit=MetricUnit.Count, value=prompt_tokens)
+    metrics.add_metric(name="CachedPromptTokens", unit=MetricUnit.Count, value=cached_tokens)
     metrics.add_metric(name="GeneratedTokens", unit=MetricUnit.Count, value=generated_tokens)
     metrics.add_metric(name="TimeToFirstToken", unit=MetricUnit.Milliseconds, value=result.time_to_first_token_s * 1000)
     metrics.add_metric(name="PromptPassSeconds", unit=MetricUnit.Seconds, value=result.prompt_pass_s)
@@ -62,6 +69,7 @@ def generate(
         "protocol": protocol,
         "prompts": len(result.completions),
         "prompt_tokens": prompt_tokens,
+        "cached_prompt_tokens": cached_tokens,
         "generated_tokens": generated_tokens,
         "finish_reasons": [c.finish_reason for c in result.completions],
         "deadline_source": deadline.source,

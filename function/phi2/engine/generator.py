@@ -9,10 +9,11 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from phi2.engine.constrained.grammar import Grammar
 from phi2.engine.model_files import prefetch
 from phi2.errors import ModelLoadError, ModelLoading, ModelNotReady
 from phi2.settings import get_settings
@@ -48,6 +49,12 @@ class GenerationParams:
     alternatives at every generated position (from the model's raw distribution, before sampling controls)."""
     prompt_logprobs: bool = False
     """Also the log-probability of every prompt token after the first (with `logprobs` alternatives)."""
+    min_p: float = 0.0
+    """When sampling: drop tokens less likely than min_p times the most likely one (0: off)."""
+    typical_p: float = 1.0
+    """When sampling: typical sampling's probability mass (1: off)."""
+    grammar: Grammar | None = None
+    """Constrained decoding: every row's output follows this grammar (JSON Schema, Lark or regex)."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,12 @@ class Completion:
     """One per prompt token when `params.prompt_logprobs`; the first is None (nothing precedes it)."""
     seed: int | None = None
     """The seed of this row's sampler."""
+    grammar_complete: bool | None = None
+    """With `params.grammar`: whether the text is a whole sentence of the grammar (False: cut short, e.g. the JSON
+    is incomplete); None without one."""
+    cached_tokens: int = 0
+    """Prompt tokens whose keys and values came from an earlier request of the same caller (prefix_cache.py):
+    the prompt pass did not read them again."""
 
 
 @dataclass(frozen=True)
@@ -148,11 +161,15 @@ class Generator(ABC):
         *,
         seeds: Sequence[int] | None = None,
         on_step: OnStep | None = None,
+        cache_scope: Hashable | None = None,
     ) -> GenerationResult:
         """Generate for every prompt as one batch; stop by `deadline` (a `time.monotonic()` value).
 
         `seeds` gives each row its own sampler seed (one per prompt; default: `params.seed` or a random one
         for every row), so a row samples the same text whatever else is in the batch.
+
+        `cache_scope` says who may reuse this request's prompt pass, and whose earlier ones it may reuse (the
+        caller, see phi2.runtime.invocation.cache_scope); None: nothing is reused or kept.
 
         Raises ContextLengthExceeded when a prompt plus `max_new_tokens` does not fit the context, and
         PromptTooLongForDeadline (before any compute, or between prompt chunks) when the prompt pass cannot
@@ -170,6 +187,18 @@ class Generator(ABC):
     @abstractmethod
     def token_bytes(self, token_ids: Sequence[int]) -> list[bytes]:
         """Each token's raw bytes (byte-level BPE pieces may be part of a multi-byte character)."""
+
+    def check_grammar(self, grammar: Grammar) -> None:  # noqa: B027 - a generator without a compiler checks nothing more
+        """Raise InvalidGrammar (naming `grammar.origin`) unless the grammar can constrain this model's output (the
+        bounds Grammar itself checks are already met)."""
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The token ids of `text` (with the tokenizer's special tokens when asked)."""
+        raise NotImplementedError
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        """The text of `token_ids` (special tokens included, as written)."""
+        raise NotImplementedError
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str | None:
         """The prompt for a chat, with the tokenizer's own template; None when it ships none."""
@@ -207,6 +236,10 @@ def _load() -> None:
                 warmup=settings.warmup,
                 verify_checksums=settings.verify_checksums,
                 chunk_seconds=settings.prompt_chunk_seconds,
+                prompt_cache=settings.prompt_cache,
+                prompt_cache_mb=settings.prompt_cache_max_mb,
+                prompt_cache_ttl_s=settings.prompt_cache_ttl_s,
+                lookup_tokens=settings.prompt_lookup_tokens,
             )
         except ModelLoadError as exc:
             _load_error = str(exc)

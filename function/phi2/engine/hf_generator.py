@@ -20,7 +20,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 import torch
@@ -29,16 +29,21 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    DynamicCache,
     GenerationConfig,
     LogitsProcessorList,
+    MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
     StoppingCriteriaList,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
+    TypicalLogitsWarper,
 )
 
-from phi2.engine import cpu, quantization
+from phi2.engine import cpu, formats, memory
+from phi2.engine.constrained.grammar import Grammar
+from phi2.engine.constrained.matcher import Constraint, GrammarCompiler
 from phi2.engine.detokenizer import TextStream
 from phi2.engine.generator import (
     Completion,
@@ -50,10 +55,14 @@ from phi2.engine.generator import (
     TokenLogprob,
 )
 from phi2.engine.hooks import Passes, Row, Steps
+from phi2.engine.lookup import DraftStats
+from phi2.engine.lookup import drafting as lookup_drafting
+from phi2.engine.memory import KvShape
 from phi2.engine.model_files import read_manifest, verify
-from phi2.engine.planner import Calibration, CostModel, PassSample, Planner
+from phi2.engine.planner import MAX_CHUNK_ROWS, Calibration, CostModel, PassSample, Planner
+from phi2.engine.prefix_cache import DEFAULT_TTL_S, PrefixCache, cache_rows
 from phi2.engine.sampling import LogitBias, LogprobRecorder, PresenceFrequencyPenalty, SeededSampler
-from phi2.errors import ContextLengthExceeded, ModelLoadError
+from phi2.errors import ContextLengthExceeded, ModelLoadError, PromptTooLongForDeadline
 
 log = logging.getLogger(__name__)
 # Progress bars are for terminals; in Lambda they are only noise in the logs.
@@ -96,6 +105,12 @@ CHECK_DECODE_STEPS = 4
 # What preparation times: a decode-sized pass, prompt passes of growing size, the largest as a batch.
 # Up to 1,024 rows: the lengths that API Gateway's 29 s allow on 6 vCPUs are measured, not extrapolated.
 CALIBRATION_SHAPES = ((1, 1), (1, 16), (1, 64), (1, 256), (2, 512))
+# Prompt lookup: drafted tokens verified per pass (transformers' `prompt_lookup_num_tokens`).
+DEFAULT_LOOKUP_TOKENS = 5
+# Processors that are functions of the sequence alone, so calling them for drafted tokens that are then
+# rejected changes nothing (prompt lookup calls them so): the penalties and logit bias. Log-probabilities,
+# sampling and anything else (a grammar) keep prompt lookup off.
+STATELESS_PROCESSORS = (RepetitionPenaltyLogitsProcessor, PresenceFrequencyPenalty, LogitBias)
 
 
 class TransformersGenerator(Generator):
@@ -119,7 +134,16 @@ class TransformersGenerator(Generator):
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.planner = planner or Planner(info.context_length, attention_ratio(model))
         self.last_passes: list[PassSample] = []
+        # What one token of context costs in the KV cache (the compute dtype: load() sets it for int8 weights)
+        self.kv = KvShape.of(model.config, bytes_per_value=model.dtype.itemsize)
+        self.prefix_cache: PrefixCache | None = None
+        """Earlier requests' prompt passes, per caller (load() sets it up after the warm-up); None: off."""
+        self.lookup_tokens = 0
+        """Drafted tokens per verification pass of prompt lookup; 0: off."""
+        self.last_drafts: DraftStats | None = None
         self._byte_decoder = _byte_decoder(tokenizer)
+        self.grammars = GrammarCompiler(tokenizer, self.vocab_size, self.eos_ids)
+        """Constrained decoding: grammars compiled against this vocabulary (llguidance's view of it: on first use)."""
 
     @classmethod
     def load(
@@ -131,17 +155,24 @@ class TransformersGenerator(Generator):
         warmup: bool = True,
         verify_checksums: bool = False,
         chunk_seconds: float = 1.0,
+        prompt_cache: bool = True,
+        prompt_cache_mb: int | None = None,
+        prompt_cache_ttl_s: float = DEFAULT_TTL_S,
+        lookup_tokens: int | None = None,
     ):
         """Load the model and tokenizer prepared in `model_dir`; raise ModelLoadError naming the problem.
 
         With `warmup`, a short generation pays the kernels' one-time set-up, and a timed pass checks the
-        calibrated speeds on this CPU (see planner.py).
+        calibrated speeds on this CPU (see planner.py). Then the prompt cache is sized from the memory the
+        loaded model leaves (prefix_cache.py; `prompt_cache_mb` caps it) and prompt lookup is switched on
+        (`lookup_tokens` drafted tokens per pass, default DEFAULT_LOOKUP_TOKENS; 0: off).
         """
         started = time.monotonic()
         manifest = read_manifest(model_dir)
         verify(model_dir, manifest, checksums=verify_checksums)
-        quantized = manifest.format == quantization.FORMAT
-        # The int8 format fixes its own precisions (int8 weights, fp32 compute): MODEL_DTYPE does not apply.
+        quantized = formats.is_quantized(manifest.format)
+        # The quantized formats fix their own precisions (int8/4-bit weights, fp32 compute): MODEL_DTYPE does not
+        # apply.
         dtype_name = manifest.dtype if dtype == "auto" or quantized else dtype
         if dtype_name not in DTYPES:
             raise ModelLoadError(f"unsupported dtype {dtype_name!r}; use one of {sorted(DTYPES)}")
@@ -150,10 +181,10 @@ class TransformersGenerator(Generator):
         tokenizer = _loading("the tokenizer", model_dir, AutoTokenizer.from_pretrained)
         if quantized:
             try:
-                model = quantization.load(model_dir, config)
+                model = formats.load(model_dir, config, manifest.format)
             except Exception as exc:  # noqa: BLE001
                 raise ModelLoadError(
-                    f"the int8 weights in {model_dir.name} failed to load: {type(exc).__name__}: {exc}"
+                    f"the {manifest.format} weights in {model_dir.name} failed to load: {type(exc).__name__}: {exc}"
                 ) from None
         else:
             model = _loading(
@@ -174,12 +205,12 @@ class TransformersGenerator(Generator):
         context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
         info = ModelInfo(
             model_id=manifest.model_id,
-            dtype=f"int8 weights, {dtype_name} compute" if quantized else dtype_name,
+            dtype=f"{manifest.format} weights, {dtype_name} compute" if quantized else dtype_name,
             context_length=context,
             load_seconds=0.0,
             manifest=manifest.summary(),
             cpu=cpu.describe(),
-            kernels=quantization.kernels_in_use(model),
+            kernels=formats.kernels_in_use(model),
             chat_template=bool(getattr(tokenizer, "chat_template", None)),
             vocab_size=model.get_output_embeddings().weight.shape[0],
         )
@@ -188,8 +219,17 @@ class TransformersGenerator(Generator):
         cost = CostModel.fit(calibration.samples, ratio) if calibration and calibration.samples else None
         planner = Planner(context, ratio, chunk_seconds=chunk_seconds, cost=cost)
         generator = cls(model, tokenizer, info, planner)
+        if quantized:
+            generator.kv = KvShape.of(model.config, bytes_per_value=4)  # int8 weights, fp32 activations and cache
         if warmup:
             generator.check_speed()
+        generator.lookup_tokens = DEFAULT_LOOKUP_TOKENS if lookup_tokens is None else max(0, lookup_tokens)
+        if prompt_cache:
+            generator.prefix_cache = PrefixCache.for_model(
+                generator.kv, model.config, context, max_mb=prompt_cache_mb, ttl_s=prompt_cache_ttl_s
+            )
+            if not generator.prefix_cache.enabled:
+                log.warning("prompt cache off", extra={"reason": generator.prefix_cache.off_reason})
         info.load_seconds = time.monotonic() - started
         log.info(
             "model loaded",
@@ -233,6 +273,15 @@ class TransformersGenerator(Generator):
         samples = [PassSample(batch, 0, tokens, run(batch, tokens)) for _ in range(2) for batch, tokens in shapes]
         return Calibration(samples=samples, threads=torch.get_num_threads())
 
+    def check_grammar(self, grammar: Grammar) -> None:
+        self.grammars.compile(grammar)
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -268,6 +317,7 @@ class TransformersGenerator(Generator):
         *,
         seeds: Sequence[int] | None = None,
         on_step: OnStep | None = None,
+        cache_scope: Hashable | None = None,
     ) -> GenerationResult:
         start = time.monotonic()
         encoded = self.tokenizer(prompts, return_tensors="pt", padding=True)
@@ -276,47 +326,113 @@ class TransformersGenerator(Generator):
         batch, width = input_ids.shape
         if width + params.max_new_tokens > self.info.context_length:
             raise ContextLengthExceeded(width, params.max_new_tokens, self.info.context_length)
-        plan = self.planner.admit(batch, width, deadline - time.monotonic())
-        if on_step is not None and not on_step([]):
-            # Admitted: a stream sends its first bytes now, before the prompt pass. A caller already gone
-            # costs nothing more.
-            return self._nothing(prompts, prompt_lengths, input_ids, start)
 
         seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
         row_seeds = list(seeds) if seeds is not None else [seed] * batch
         if len(row_seeds) != batch:
             raise ValueError(f"{len(row_seeds)} seeds for {batch} prompts")
         recorder = LogprobRecorder() if params.logprobs is not None else None
+        # A grammar is compiled (or taken from the cache) before admission: its time counts against the deadline
+        constraint = self.grammars.constraint(params.grammar, batch) if params.grammar is not None else None
+        processors = self._processors(params, width, row_seeds, recorder, constraint)
+        # One prompt, alone or as `n` rows (no padding, every row at the same positions): its rows share one
+        # prompt pass, and a known caller's earlier passes. Prompt log-probabilities need every position read.
+        one_prompt = not params.prompt_logprobs and bool((input_ids == input_ids[:1]).all())
+        shared = one_prompt and batch > 1
+        lookup = self._lookup_tokens(params, batch, processors)
+        prefix = self.prefix_cache
+        if prefix is not None:
+            prefix.make_room(self._working_set(batch, width, params.max_new_tokens))  # the live request wins
+        # Memory admission: refused with a 4xx now rather than killed by Lambda's memory limit mid-request
+        memory.check_fits(
+            self._request_bytes(batch, width, params.max_new_tokens, params.prompt_logprobs),
+            evictable=prefix.bytes if prefix is not None else 0,
+        )
+        scope = cache_scope if prefix is not None and prefix.enabled and one_prompt else None
+        reuse = prefix.take(scope, input_ids[0]) if scope is not None else None
+        cached = reuse.tokens if reuse is not None else 0
+        try:
+            plan = self.planner.admit(1 if shared else batch, width, deadline - time.monotonic(), start=cached)
+        except PromptTooLongForDeadline:
+            if reuse is not None and reuse.moved:
+                prefix.put(scope, input_ids[0, :cached], reuse.cache)
+            raise
+        if on_step is not None and not on_step([]):
+            # Admitted: a stream sends its first bytes now, before the prompt pass. A caller already gone
+            # costs nothing more.
+            if reuse is not None and reuse.moved:
+                prefix.put(scope, input_ids[0, :cached], reuse.cache)
+            return self._nothing(prompts, prompt_lengths, input_ids, start)
+
         rows = [Row(TextStream(self.tokenizer, params.stop)) for _ in prompts]
-        steps = Steps(self.planner, self.eos_ids, rows, params, deadline, start, recorder, on_step)
+        steps = Steps(
+            self.planner,
+            self.eos_ids,
+            rows,
+            params,
+            deadline,
+            start,
+            recorder,
+            on_step,
+            width=width,
+            step_tokens=lookup + 1 if lookup else 1,
+            constraint=constraint,
+        )
         passes = Passes(self.planner, plan, deadline, input_ids, params.logprobs if params.prompt_logprobs else None)
+        # Our own cache object when it is read before `generate` (shared rows, prompt lookup) or kept after it
+        past = reuse.cache if reuse is not None else None
+        if past is None and (scope is not None or shared or lookup):
+            past = DynamicCache(config=self.model.config)
+        read_first = shared or bool(lookup)
         config = GenerationConfig(
             max_new_tokens=params.max_new_tokens,
             # Sampling, when asked for, is done by SeededSampler, which leaves one candidate per row.
             do_sample=False,
             eos_token_id=self.eos_ids,
             pad_token_id=self.tokenizer.pad_token_id,
-            prefill_chunk_size=plan.chunk_tokens if plan.chunks > 1 else None,
+            prefill_chunk_size=plan.chunk_tokens if plan.chunks > 1 and not read_first else None,
+            prompt_lookup_num_tokens=lookup or None,
         )
         extra = {"logits_to_keep": 0} if params.prompt_logprobs else {}
+        if past is not None:
+            extra["cache"] = past
         hooks = [
             self.model.register_forward_pre_hook(passes.before, with_kwargs=True),
             self.model.register_forward_hook(passes.after, with_kwargs=True),
         ]
+        sequences, drafts = None, []
+        drafting = lookup_drafting(self.model, lookup) if lookup else contextlib.nullcontext([])
         try:
-            with torch.inference_mode():
-                self.model.generate(
+            with torch.inference_mode(), drafting as drafts:
+                if read_first:
+                    # All but the last prompt token, once for every row; `generate` reads the last one (per row,
+                    # or with prompt lookup's first drafted tokens, whose pass must not read the rest again).
+                    self._read(past, input_ids[:1], cached, width - 1, plan.chunk_tokens)
+                    if shared:
+                        past.batch_repeat_interleave(batch)
+                    passes.skip_cached = bool(lookup)
+                sequences = self.model.generate(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     generation_config=config,
-                    logits_processor=self._processors(params, width, row_seeds, recorder),
+                    logits_processor=processors,
                     stopping_criteria=StoppingCriteriaList([steps]),
                     **extra,
                 )
+        except PromptTooLongForDeadline:
+            # Between chunks: what was read is kept, so the same prompt sent again starts after it.
+            if scope is not None and cache_rows(past) == 1:
+                prefix.put(scope, input_ids[0, : past.get_seq_length()], past)
+            raise
         finally:
             for hook in hooks:
                 hook.remove()
             self.last_passes = passes.samples
+            self.last_drafts = drafts[0].stats if lookup and drafts else None
+            if constraint is not None and constraint.seconds_per_row_mask is not None:
+                self.planner.learn_mask(constraint.seconds_per_row_mask)
+        if scope is not None:
+            self._keep(scope, sequences, past)
         end = time.monotonic()
 
         completions = []
@@ -338,20 +454,57 @@ class TransformersGenerator(Generator):
                     if params.prompt_logprobs
                     else None,
                     seed=row_seeds[index],
+                    grammar_complete=constraint.complete(index) if constraint is not None else None,
+                    cached_tokens=cached,
                 )
             )
         first = steps.first_token_at or end
-        decode_steps = max(0, steps.steps - 1)
+        decode_tokens = max(0, steps.tokens - steps.first_tokens)
         decode_time = steps.last_token_at - first
         return GenerationResult(
             completions=completions,
             seed=seed,
             time_to_first_token_s=first - start,
             total_s=end - start,
-            tokens_per_second=(decode_steps / decode_time) if decode_time > 0 else 0.0,
+            tokens_per_second=(decode_tokens / decode_time) if decode_time > 0 else 0.0,
             prompt_pass_s=passes.prefill_s,
             prompt_chunks=passes.chunks,
         )
+
+    def _read(self, cache: DynamicCache, ids: torch.Tensor, begin: int, end: int, chunk: int) -> None:
+        """The prompt pass over tokens `begin`..`end` of one row into `cache`, in the plan's chunks (the hooks
+        time each and stop between them when the rest cannot make the deadline)."""
+        for position in range(begin, end, chunk):
+            self.model(input_ids=ids[:, position : min(position + chunk, end)], cache=cache, logits_to_keep=1)
+
+    def _keep(self, scope: Hashable, sequences: torch.Tensor, past: DynamicCache) -> None:
+        """Keep this request's KV cache for its caller: one row (all rows hold the same prompt), keyed by the
+        tokens it holds (the prompt and the generated tokens fed back; never the last one)."""
+        held = past.get_seq_length()
+        if held == 0 or held > sequences.shape[1]:
+            return
+        if cache_rows(past) > 1:
+            past.batch_select_indices(torch.tensor([0]))
+        self.prefix_cache.put(scope, sequences[0, :held], past)
+
+    def _working_set(self, batch: int, width: int, new_tokens: int) -> int:
+        """Bytes a request may need besides the model: its KV cache at full length, and the largest pass's
+        activations (a layer's attention scores over the context, the MLP, the residual stream)."""
+        return self._request_bytes(batch, width, new_tokens).total
+
+    def _request_bytes(self, batch: int, width: int, new_tokens: int, all_logits: bool = False) -> memory.RequestBytes:
+        rows = batch * min(width, MAX_CHUNK_ROWS // batch or 1)
+        return memory.request_bytes(self.kv, self.model.config, batch, width, new_tokens, rows, all_logits)
+
+    def _lookup_tokens(self, params: GenerationParams, batch: int, processors: LogitsProcessorList) -> int:
+        """Drafted tokens per verification pass for prompt lookup, or 0 where it would not be exact: it needs
+        greedy decoding of one row, and processors that are functions of the sequence alone (transformers calls
+        them for drafted tokens it then rejects, and for a draft's tokens several at a time)."""
+        if not self.lookup_tokens or batch != 1 or params.do_sample or params.logprobs is not None:
+            return 0
+        if params.prompt_logprobs or not all(type(p) in STATELESS_PROCESSORS for p in processors):
+            return 0
+        return self.lookup_tokens
 
     def _nothing(self, prompts: list[str], prompt_lengths: list[int], input_ids, start: float) -> GenerationResult:
         """The result of a generation cancelled before it started."""
@@ -372,7 +525,12 @@ class TransformersGenerator(Generator):
         )
 
     def _processors(
-        self, params: GenerationParams, width: int, seeds: list[int], recorder: LogprobRecorder | None
+        self,
+        params: GenerationParams,
+        width: int,
+        seeds: list[int],
+        recorder: LogprobRecorder | None,
+        constraint: Constraint | None = None,
     ) -> LogitsProcessorList:
         processors = LogitsProcessorList()
         if recorder is not None:
@@ -385,12 +543,20 @@ class TransformersGenerator(Generator):
             )
         if params.logit_bias:
             processors.append(LogitBias(params.logit_bias))
+        if constraint is not None:
+            # Before every sampling control: top-k/top-p/min-p then choose among allowed tokens only (after them,
+            # top-p could keep no allowed token at all); after the recorder: logprobs stay the model's own.
+            processors.append(constraint)
         if params.do_sample:
             processors.append(TemperatureLogitsWarper(params.temperature))
             if params.top_k > 0:
                 processors.append(TopKLogitsWarper(params.top_k))
             if params.top_p < 1.0:
                 processors.append(TopPLogitsWarper(params.top_p))
+            if params.min_p > 0.0:
+                processors.append(MinPLogitsWarper(params.min_p))
+            if params.typical_p < 1.0:
+                processors.append(TypicalLogitsWarper(params.typical_p))
             processors.append(SeededSampler(seeds))
         return processors
 

@@ -6,7 +6,11 @@
   events to the caller, which may cancel (a streaming client that left);
 - `Passes`, forward hooks on the model: they time every pass for the planner and the timings, stop the
   prompt pass between chunks when the rest can no longer make the deadline (planner.check_rest), and
-  collect the prompt's log-probabilities when asked.
+  collect the prompt's log-probabilities when asked. With a cached prefix (prefix_cache.py) the prompt pass
+  starts after it, and a pass that would read cached positions again reads only the rest.
+
+With prompt lookup (transformers' `prompt_lookup_num_tokens`) one pass may accept several tokens: `Steps`
+then sees them in one call and handles each in order, exactly once, as if they had come one per step.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import StoppingCriteria
 
+from phi2.engine import extensions
+from phi2.engine.constrained.matcher import Constraint
 from phi2.engine.detokenizer import TextStream
 from phi2.engine.generator import FinishReason, GenerationParams, OnStep, StepEvent, TokenLogprob
 from phi2.engine.planner import PassSample, Plan, Planner
@@ -44,7 +50,10 @@ class Passes:
         self.deadline = deadline
         self.input_ids = input_ids
         self.prompt_k = prompt_k
-        self.done = 0  # prompt tokens (per row) already read
+        self.done = plan.start  # prompt tokens (per row) already read: a cached prefix counts as read
+        self.skip_cached = False
+        """Set for prompt lookup: its first pass feeds the whole sequence again (transformers 5.24 starts assisted
+        decoding as on an empty cache), so that pass is cut to the positions the cache does not hold."""
         self.prefill_s = 0.0
         self.chunks = 0
         self.samples: list[PassSample] = []
@@ -60,27 +69,39 @@ class Passes:
     def in_prompt(self) -> bool:
         return self.done < self.plan.width
 
-    def before(self, module, args, kwargs) -> None:
+    def before(self, module, args, kwargs):
+        changed = None
+        if self.skip_cached:
+            self.skip_cached = False
+            kwargs = _uncached(kwargs)
+            changed = (args, kwargs)
         ids = kwargs.get("input_ids")
         if ids is None and args:
             ids = args[0]
         tokens = ids.shape[1] if ids is not None else 1
-        if self.in_prompt and self.done > 0:
+        if self.in_prompt and self.done > self.plan.start:
             self.planner.check_rest(self.plan, self.done, self.deadline - time.monotonic(), self.prefill_s)
         start = self.done if self.in_prompt else self.plan.width
         self._shape = (ids.shape[0] if ids is not None else self.plan.batch, start, tokens)
         self._began = time.monotonic()
+        extensions.run_before_pass(*self._shape, self.in_prompt)  # timed with the pass, as a slower CPU would be
+        return changed
 
     def after(self, module, args, kwargs, output) -> None:
         seconds = time.monotonic() - self._began
         batch, start, tokens = self._shape
         sample = PassSample(batch=batch, start=start, tokens=tokens, seconds=seconds)
         self.samples.append(sample)
-        self.planner.learn(sample)
+        if tokens > 1 and start + tokens > self.plan.width:
+            # Prompt lookup verifying drafted tokens: a decoding step, not a prompt chunk (planner.learn_verification)
+            self.planner.learn_verification(sample)
+        else:
+            self.planner.learn(sample)
         if self.in_prompt:
             if self.prompt_logprobs is not None:
                 self._record_prompt(output.logits, start, tokens)
-            self.done += tokens
+            # A prompt-lookup pass reads the last prompt token and verifies drafted ones in one go
+            self.done = min(self.plan.width, self.done + tokens)
             self.prefill_s += seconds
             self.chunks += 1
 
@@ -102,10 +123,29 @@ class Passes:
                     )
 
 
+def _uncached(kwargs: dict) -> dict:
+    """The pass's inputs without the positions its cache already holds (prompt lookup's first pass)."""
+    cache, ids, positions = kwargs.get("cache"), kwargs.get("input_ids"), kwargs.get("position_ids")
+    if cache is None or ids is None or positions is None or ids.shape[0] != 1:
+        return kwargs
+    overlap = cache.get_seq_length() - int(positions[0, 0])
+    if overlap <= 0:
+        return kwargs
+    if overlap >= ids.shape[1]:
+        raise RuntimeError(f"a pass of {ids.shape[1]} tokens has nothing the cache does not hold")
+    return {**kwargs, "input_ids": ids[:, overlap:], "position_ids": positions[..., overlap:]}
+
+
 class Steps(StoppingCriteria):
     """Called by `generate` after every new token: turns each row's token into text and a StepEvent, ends
     rows (end-of-text, stop string, max_new_tokens), ends the batch before the deadline would be missed,
-    and hands the events to the caller (which may cancel)."""
+    and hands the events to the caller (which may cancel).
+
+    With prompt lookup a call may bring several accepted tokens: each is handled in order, once, with its own
+    `on_step` call, and the ones after a row's end are ignored (transformers already cut them at end-of-text
+    and max_new_tokens; a stop string is only known here). `step_tokens` is how many tokens a pass feeds (1,
+    or the last token and the drafted ones it verifies): the deadline check estimates the next pass with it.
+    """
 
     def __init__(
         self,
@@ -117,8 +157,20 @@ class Steps(StoppingCriteria):
         start: float,
         recorder: LogprobRecorder | None,
         on_step: OnStep | None,
+        *,
+        width: int | None = None,
+        step_tokens: int = 1,
+        constraint: Constraint | None = None,
     ):
         self.planner = planner
+        self.constraint = constraint
+        """Constrained decoding: each row's grammar state advances here, with the token that row chose."""
+        self.step_tokens = step_tokens
+        self.seen: int | None = width
+        """Tokens per row already handled (the prompt's width at first)."""
+        self.tokens = 0
+        """New tokens handled (per row), and how many the first call brought."""
+        self.first_tokens = 0
         self.eos_ids = eos_ids
         self.rows = rows
         self.params = params
@@ -134,9 +186,35 @@ class Steps(StoppingCriteria):
         now = time.monotonic()
         self.steps += 1
         self.last_token_at = now
-        if self.first_token_at is None:
+        first = self.first_token_at is None
+        if first:
             self.first_token_at = now
-        new = input_ids[:, -1].tolist()
+        seen = self.seen if self.seen is not None else input_ids.shape[1] - 1
+        self.seen = input_ids.shape[1]
+        columns = input_ids[:, seen:].T.tolist()
+        for position, column in enumerate(columns):
+            self.tokens += 1
+            if first:
+                self.first_tokens += 1
+            events = self._step(column)
+            if position == len(columns) - 1:
+                # Decode steps take about the same time each: end if the next one would end past the deadline.
+                per_step = (
+                    (now - self.first_token_at) / (self.steps - 1)
+                    if self.steps > 1
+                    else self.planner.step_s(len(self.rows), self.step_tokens, self.seen)
+                    + (self.planner.mask_step_s(len(self.rows)) if self.constraint is not None else 0.0)
+                )
+                if now + per_step >= self.deadline:
+                    self._end_all("time_limit", events)
+            if self.on_step is not None and events and not self.on_step(events):
+                self._end_all("cancelled", [])
+            if all(row.finish is not None for row in self.rows):
+                break
+        return torch.tensor([row.finish is not None for row in self.rows], dtype=torch.bool)
+
+    def _step(self, new: list[int]) -> list[StepEvent]:
+        """One new token per row: its text, log-probability and whether it ends the row."""
         events: list[StepEvent] = []
         for index, (row, token) in enumerate(zip(self.rows, new, strict=True)):
             if row.finish is not None:
@@ -149,24 +227,22 @@ class Steps(StoppingCriteria):
             row.ids.append(token)
             if logprob is not None:
                 row.logprobs.append(logprob)
+            complete = self.constraint is not None and self.constraint.advance(index, token)
             text = row.stream.push(token)
             if row.stream.stopped:
                 row.finish = "stop_sequence"
+            elif complete:  # the grammar takes nothing more: its end of text is the only token left
+                row.finish = "eos_token"
+                text += row.stream.finish()
             elif len(row.ids) >= self.params.max_new_tokens:
                 row.finish = "length"
                 text += row.stream.finish()
             events.append(StepEvent(index, token, text, logprob, row.finish))
-        # Decode steps take about the same time each: end if the next one would end past the deadline.
-        per_step = (
-            (now - self.first_token_at) / (self.steps - 1)
-            if self.steps > 1
-            else self.planner.decode_step_s(len(self.rows))
-        )
-        if now + per_step >= self.deadline:
-            self._end_all("time_limit", events)
-        if self.on_step is not None and events and not self.on_step(events):
-            self._end_all("cancelled", [])
-        return torch.tensor([row.finish is not None for row in self.rows], dtype=torch.bool)
+        if self.constraint is not None:
+            for index, row in enumerate(self.rows):
+                if row.finish is not None:
+                    self.constraint.end(index)
+        return events
 
     def _end_all(self, reason: FinishReason, events: list[StepEvent]) -> None:
         """End every unfinished row; its event of this step (if any) becomes its last one."""
