@@ -17,6 +17,9 @@
 # rebuilds only the last small layer; the multi-gigabyte weights layer stays cached (and, in ECR, shared).
 
 ARG BASE_IMAGE=python:3.11.13-slim-bookworm@sha256:86adf8dbadc3d6e82ee5dd2c74bec2e1c2467cdad47886280501df722372d2e1
+# The kernels stage's base: the same image, where apt-get installs gcc. A build with no Debian mirror (the
+# project's image tests, an air-gapped builder) passes one that has gcc already (make-base-image.sh --compiler).
+ARG BUILD_BASE_IMAGE=${BASE_IMAGE}
 
 # ---------------------------------------------------------------------------------------------------
 # rie: the Lambda Runtime Interface Emulator, taken from the hash-pinned aws-sam-cli wheel on PyPI.
@@ -34,10 +37,10 @@ RUN python3 -m venv /tmp/pip-venv \
 # kernels: our kernel library (function/phi2/engine/kernels), compiled from its C source with Debian's gcc,
 # one object per ISA variant (AVX2, AVX-512, AVX-512 VNNI); it picks the variant at load. Only the built
 # library leaves this stage: the runtime image has no compiler.
-FROM ${BASE_IMAGE} AS kernels
-RUN apt-get update -q \
+FROM ${BUILD_BASE_IMAGE} AS kernels
+RUN command -v gcc >/dev/null || { apt-get update -q \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends gcc libc6-dev \
-    && rm -rf /var/lib/apt/lists/*
+    && rm -rf /var/lib/apt/lists/*; }
 COPY function/phi2/engine/kernels/build.sh /src/kernels/
 COPY function/phi2/engine/kernels/csrc/ /src/kernels/csrc/
 RUN sh /src/kernels/build.sh /libphi2kernels.so

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# make-base-image.sh TAG: build a local Debian bookworm + Python 3.11 image
+# make-base-image.sh TAG [--compiler]: build a local Debian bookworm + Python 3.11 image
 # (a base for a Python 3.11 Lambda container image) with no registry pull:
 # registries are unreachable here, the Debian mirror this host's apt uses is
 # not (or DEBIAN_MIRROR: no mirror is built in). Idempotent: an
@@ -7,10 +7,16 @@
 # (delete $BASE_ROOTFS_CACHE to rebuild it, e.g. after changing PACKAGES).
 set -euo pipefail
 
-TAG="${1:?usage: $0 TAG}"
+TAG="${1:?usage: $0 TAG [--compiler]}"
 CACHE_DIR="${BASE_ROOTFS_CACHE:-/var/cache/phi2-base-rootfs}"
 ROOTFS="$CACHE_DIR/bookworm-py311"
 PACKAGES=(python3 python3-venv python3-pip ca-certificates)
+# --compiler: the same base plus gcc, for the Dockerfile's kernels stage (BUILD_BASE_IMAGE), whose build has
+# no Debian mirror to apt-get from here. Only the built library leaves that stage.
+if [[ "${2:-}" == "--compiler" ]]; then
+  ROOTFS="$CACHE_DIR/bookworm-py311-gcc"
+  PACKAGES+=(gcc libc6-dev)
+fi
 
 docker info >/dev/null 2>&1 || { echo "no Docker engine: run start-engine.sh first" >&2; exit 1; }
 mkdir -p "$CACHE_DIR"

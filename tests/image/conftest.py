@@ -114,6 +114,7 @@ from image.image_harness import (
     Wheelhouse,
     build_image,
     choose_base_image,
+    compiler_base,
     cpu_description,
     ensure_sam_cli,
     free_port,
@@ -352,6 +353,7 @@ def sam_build(sam_cli: Path, engine: Engine, settings: Settings, base_image: str
     the Engine API, as most users get it. Returns the images it tagged."""
     build_args = {
         "BASE_IMAGE": base_image,
+        "BUILD_BASE_IMAGE": compiler_base(settings, base_image),
         "MODEL_ID": settings.model,
         "MODEL_DTYPE": "auto",
         **wheelhouse.build_args(),

@@ -425,7 +425,24 @@ def choose_base_image(engine: Engine, settings: Settings, logs: Path) -> str:
         logs,
         timeout=1800,
     )
+    # The kernels stage's base: the same plus gcc, since the build has no Debian mirror to apt-get from.
+    run_logged(
+        "infra/docker/make-base-image.sh --compiler",
+        [
+            str(ROOT / "infra" / "docker" / "make-base-image.sh"),
+            compiler_base(settings, settings.local_base),
+            "--compiler",
+        ],
+        logs,
+        timeout=1800,
+    )
     return settings.local_base
+
+
+def compiler_base(settings: Settings, base: str) -> str:
+    """BUILD_BASE_IMAGE for a build on `base`: the local base's gcc twin, or the pinned base itself (whose
+    kernels stage installs gcc with apt-get)."""
+    return f"{settings.local_base}-gcc" if base == settings.local_base else base
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -520,7 +537,13 @@ def build_cli(settings: Settings) -> str:
 
 def build_image(engine: Engine, settings: Settings, base: str, wheelhouse: Wheelhouse, logs: Path) -> BuiltImage:
     """`docker build` of the project's Dockerfile with BuildKit, a small model and the wheelhouse."""
-    build_args = {"BASE_IMAGE": base, "MODEL_ID": settings.model, "MODEL_DTYPE": "auto", **wheelhouse.build_args()}
+    build_args = {
+        "BASE_IMAGE": base,
+        "BUILD_BASE_IMAGE": compiler_base(settings, base),
+        "MODEL_ID": settings.model,
+        "MODEL_DTYPE": "auto",
+        **wheelhouse.build_args(),
+    }
     command = [build_cli(settings), "build", "--progress", "plain"]
     if wheelhouse.build_network:
         command += ["--network", wheelhouse.build_network]
