@@ -160,11 +160,17 @@ def test_a_constrained_output_cut_by_max_new_tokens_ends_with_length_and_says_it
 
 
 def test_the_deadline_cuts_a_constrained_output_with_time_limit_and_the_partial_text(phi):
-    # GIVEN a schema whose shortest answer is thousands of tokens, and two seconds
+    # GIVEN a schema whose shortest answer is thousands of tokens, two seconds, and a model whose every pass
+    # takes at least 10 ms by construction: 1,000 tokens need 10 s or more on any CPU (unslowed, a fast CPU
+    # generated all of them inside the two seconds)
     long = Grammar.json_schema({"type": "string", "minLength": 20000}, "json_schema")
     params = GenerationParams(max_new_tokens=1000, do_sample=False, return_full_text=False, grammar=long)
+    slowed = phi.model.register_forward_pre_hook(lambda *_: time.sleep(0.01))
     # WHEN generated
-    completion = phi.generate(["Text:"], params, later(2.0)).completions[0]
+    try:
+        completion = phi.generate(["Text:"], params, later(2.0)).completions[0]
+    finally:
+        slowed.remove()
     # THEN the deadline ends it, with what was generated, flagged incomplete
     assert completion.finish_reason == "time_limit"
     assert completion.grammar_complete is False and completion.text.startswith('"') and completion.generated_tokens
